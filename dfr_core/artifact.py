@@ -1,0 +1,185 @@
+"""Model directories: a JSON config with checksums beside the head's weights.
+
+Only the small per-product head is stored; the frozen backbone is identified by name, layers and
+the sha256 of its weights file, and is rebuilt from the registry on load (a mismatch is an error,
+so a model is never scored with backbone weights other than those it was trained with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torchvision
+
+from dfr_core.calibrate import Calibration
+from dfr_core.config import ModelConfig, from_dict, to_dict
+from dfr_core.features import FeatureExtractor
+from dfr_core.model import DFRHead, DFRModel, build_extractor
+
+FORMAT = "dfr-pipeline-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "model.json"
+HEAD_FILE = "head.pt"
+LIBRARY_VERSION = "0.1.0"
+
+
+class ArtifactError(ValueError):
+    """A model directory that cannot be trusted: bad checksum, missing file, unknown format."""
+
+
+class LoadedModel(NamedTuple):
+    model: DFRModel
+    calibration: Calibration | None
+    metadata: dict[str, Any]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "dfr_core": LIBRARY_VERSION,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_model(
+    model: DFRModel,
+    directory: str | os.PathLike,
+    calibration: Calibration | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write head.pt and model.json (with head.pt's sha256) into directory; returns the JSON."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.head.state_dict().items()}
+    torch.save(state, out / HEAD_FILE)
+    backbone = model.extractor.backbone
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": to_dict(model.config),
+        "backbone": {
+            "name": backbone.name,
+            "layers": [layer.name for layer in backbone.layers],
+            "channels": model.extractor.channels,
+            "weights_sha256": backbone.weights_sha256,
+            "weights_source": backbone.weights_source,
+        },
+        "latent_dim": model.head.cae.latent_dim,
+        "calibration": dataclasses.asdict(calibration) if calibration else None,
+        "training": training or {},
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "versions": _versions(),
+        "files": {HEAD_FILE: sha256_bytes((out / HEAD_FILE).read_bytes())},
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
+    return meta
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate model.json (format, version, required keys)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing model config")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} config")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {version!r} is newer than this library supports "
+            f"({FORMAT_VERSION}); upgrade dfr-pipeline"
+        )
+    for key in ("model_config", "backbone", "latent_dim", "files"):
+        if key not in meta:
+            raise ArtifactError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def model_config_of(meta: dict[str, Any]) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, meta["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"bad model_config in model.json: {exc}") from exc
+
+
+def load_head(directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> DFRHead:
+    """Rebuild the per-product head after verifying its checksum (weights_only loading)."""
+    meta = meta or read_metadata(directory)
+    path = Path(directory) / HEAD_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing weights file")
+    data = path.read_bytes()
+    expected = meta["files"].get(HEAD_FILE)
+    if sha256_bytes(data) != expected:
+        raise ArtifactError(f"{path}: sha256 mismatch (expected {expected}); refusing to load")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle payload or corrupt file: never executed
+        raise ArtifactError(f"{path}: not a plain tensor state dict ({exc})") from exc
+    config = model_config_of(meta)
+    head = DFRHead(config, int(meta["backbone"]["channels"]), int(meta["latent_dim"]))
+    try:
+        head.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: weights do not fit the config ({exc})") from exc
+    return head.eval()
+
+
+def check_extractor(extractor: FeatureExtractor, meta: dict[str, Any]) -> None:
+    """The extractor must be the one the model was trained with (name, layers, weights)."""
+    want = meta["backbone"]
+    got = extractor.backbone
+    if got.name != want["name"] or [x.name for x in got.layers] != list(want["layers"]):
+        raise ArtifactError(
+            f"model expects backbone {want['name']} {want['layers']}, "
+            f"got {got.name} {[x.name for x in got.layers]}"
+        )
+    if want.get("weights_sha256") != got.weights_sha256:
+        raise ArtifactError(
+            f"model was trained with {want['name']} weights sha256 {want.get('weights_sha256')}, "
+            f"but the loaded weights have sha256 {got.weights_sha256} ({got.weights_source})"
+        )
+    if extractor.image_size != model_config_of(meta).image_size:
+        raise ArtifactError("extractor image size differs from the model's")
+
+
+def calibration_of(meta: dict[str, Any]) -> Calibration | None:
+    cal = meta.get("calibration")
+    return Calibration(**cal) if cal else None
+
+
+def load_model(
+    directory: str | os.PathLike,
+    weights_path: str | os.PathLike | None = None,
+    allow_random_init: bool = False,
+    extractor: FeatureExtractor | None = None,
+) -> LoadedModel:
+    """Rebuild exactly what save_model wrote; pass `extractor` to share an already-built one."""
+    meta = read_metadata(directory)
+    config = model_config_of(meta)
+    if extractor is None:
+        random_ok = allow_random_init or meta["backbone"].get("weights_sha256") is None
+        extractor = build_extractor(config, weights_path, allow_random_init=random_ok)
+    check_extractor(extractor, meta)
+    model = DFRModel(extractor, load_head(directory, meta)).eval()
+    return LoadedModel(model, calibration_of(meta), meta)

@@ -1,0 +1,77 @@
+"""Thresholds calibrated on held-out normal images at target false-positive rates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dfr_core.config import CalibrationConfig
+from dfr_core.device import inference_mode
+from dfr_core.model import AnomalyOutput, DFRModel
+from dfr_core.preprocess import normalize_batch
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Raw-score thresholds; mask = map > pixel_threshold, anomalous = score > image_threshold."""
+
+    pixel_threshold: float
+    image_threshold: float
+    pixel_fpr: float
+    image_fpr: float
+    n_images: int
+    method: str = "quantile of anomaly-map values / image scores on held-out normal images"
+
+
+@torch.no_grad()
+def compute_maps(
+    model: DFRModel, images: np.ndarray, device: torch.device | None = None, batch_size: int = 8
+) -> AnomalyOutput:
+    """Anomaly maps and scores of (N, S, S, 3) uint8 images, returned on the CPU."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    maps, scores = [], []
+    for i in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
+        with inference_mode(device):
+            feats = model.extractor(normalize_batch(batch))
+        out = model.head(feats.float())
+        maps.append(out.anomaly_map.float().cpu())
+        scores.append(out.score.float().cpu())
+    return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+
+
+def upper_quantile(values: np.ndarray, fpr: float) -> float:
+    """Smallest observed value v with fraction(values > v) <= fpr."""
+    flat = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if flat.size == 0:
+        raise ValueError("cannot calibrate on zero values")
+    k = int(np.ceil(flat.size * (1.0 - fpr))) - 1
+    return float(flat[min(max(k, 0), flat.size - 1)])
+
+
+def calibrate_outputs(out: AnomalyOutput, config: CalibrationConfig) -> Calibration:
+    """Thresholds from maps/scores already computed on normal images."""
+    return Calibration(
+        pixel_threshold=upper_quantile(out.anomaly_map.numpy(), config.pixel_fpr),
+        image_threshold=upper_quantile(out.score.numpy(), config.image_fpr),
+        pixel_fpr=config.pixel_fpr,
+        image_fpr=config.image_fpr,
+        n_images=int(out.score.numel()),
+    )
+
+
+def calibrate(
+    model: DFRModel,
+    normal_images: np.ndarray,
+    config: CalibrationConfig | None = None,
+    device: torch.device | None = None,
+) -> Calibration:
+    """Calibrate on normal images the model was not trained on (e.g. the held-out slice)."""
+    if len(normal_images) == 0:
+        raise ValueError("calibration needs at least one held-out normal image")
+    return calibrate_outputs(
+        compute_maps(model, normal_images, device), config or CalibrationConfig()
+    )

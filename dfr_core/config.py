@@ -1,0 +1,100 @@
+"""Frozen configuration dataclasses: one per stage, saved as JSON beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+FEATURE_NORMS = ("channel", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is: everything needed to rebuild it for scoring.
+
+    Defaults were chosen by benchmarks/accuracy.py (see BENCHMARKS.md), not by taste.
+    """
+
+    backbone: str = "mobilenet_v2"
+    layers: tuple[str, ...] = ()  # empty: the backbone's default layers
+    image_size: int = 256
+    pool: int = 4
+    pca_variance: float = 0.9
+    latent_dim: int | None = None  # None: chosen by PCA on the training features
+    feature_norm: str = "channel"  # "channel": standardise each channel by training mean/std
+    smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at image_size; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(
+                f"image_size must be a multiple of 32 and >= 32, got {self.image_size}"
+            )
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(
+                f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}"
+            )
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+        if not 0.0 < self.pca_variance <= 1.0:
+            raise ValueError(f"pca_variance must be in (0, 1], got {self.pca_variance}")
+        if self.latent_dim is not None and self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the autoencoder is fitted. Defaults chosen by benchmarks/accuracy.py."""
+
+    epochs: int = 60
+    batch_size: int = 4  # images per step (the reference uses 4)
+    positions_per_image: int = 1024  # grid positions sampled per image per step (1x1 convs)
+    lr: float = 1e-4
+    val_fraction: float = 0.1  # held-out normal images for early stopping and calibration
+    patience: int = 8  # epochs without validation improvement before stopping; 0 disables
+    min_delta: float = 1e-4  # relative improvement that counts
+    seed: int = 0
+    cache_budget_mb: int = 4096  # memory for cached training features (fp16)
+    pca_samples: int = 20000  # feature vectors sampled for the PCA latent width
+    feature_batch_size: int = 8  # images per backbone forward while caching features
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "positions_per_image", "feature_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Targets for the thresholds calibrated on held-out normal images."""
+
+    pixel_fpr: float = 0.005  # the paper's choice
+    image_fpr: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("pixel_fpr", "image_fpr"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Dataclass -> JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config dataclass, rejecting unknown keys (an artifact from a newer version)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}: written by a newer version?")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)

@@ -1,0 +1,87 @@
+"""Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from dfr_core.preprocess import resize_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class Sample(NamedTuple):
+    image: Path
+    defect: str  # "good" for normal images
+    mask: Path | None
+
+
+class Split(NamedTuple):
+    images: np.ndarray  # (N, S, S, 3) uint8
+    masks: np.ndarray  # (N, S, S) bool
+    labels: np.ndarray  # (N,) 1 = defective
+    defects: list[str]
+    paths: list[Path]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
+    """(train images, test samples) of one category; a defect image without mask is an error."""
+    root = Path(root)
+    train_dir = root / "train" / "good"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{root}: no train/good folder (expected MVTec AD layout)")
+    test: list[Sample] = []
+    test_dir = root / "test"
+    for kind in (
+        sorted(d.name for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
+    ):
+        for img in _images_in(test_dir / kind):
+            mask = None
+            if kind != "good":
+                mask = root / "ground_truth" / kind / f"{img.stem}_mask.png"
+                if not mask.is_file():
+                    raise FileNotFoundError(f"{img}: ground-truth mask {mask} not found")
+            test.append(Sample(img, kind, mask))
+    return _images_in(train_dir), test
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode with EXIF orientation applied; returns HxW or HxWxC array."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def read_mask(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Binarised (> 0) mask resized with nearest neighbour to size x size."""
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 127
+    return np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST), dtype=bool)
+
+
+def load_images(paths: list[Path], size: int) -> np.ndarray:
+    """Read and resize to (N, S, S, 3) uint8."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = resize_image(read_image(p), size)
+    return out
+
+
+def load_test(samples: list[Sample], size: int) -> Split:
+    images = load_images([s.image for s in samples], size)
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    for i, s in enumerate(samples):
+        if s.mask is not None:
+            masks[i] = read_mask(s.mask, size)
+    labels = np.array([s.defect != "good" for s in samples], dtype=np.int64)
+    return Split(images, masks, labels, [s.defect for s in samples], [s.image for s in samples])

@@ -1,0 +1,141 @@
+"""DFRModel: frozen regional features + a per-product autoencoder head -> anomaly maps."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfr_core.backbones import FeatureBackbone, build_backbone
+from dfr_core.cae import CAE
+from dfr_core.config import ModelConfig
+from dfr_core.features import FeatureExtractor
+from dfr_core.preprocess import normalize_batch, resize_image
+
+
+class AnomalyOutput(NamedTuple):
+    """Raw reconstruction errors: anomaly_map (B, S, S) and image score = max of the map (B,)."""
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian truncated at 4 sigma (as scipy's default)."""
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with reflect padding."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    r = k.numel() // 2
+    x = maps[:, None]
+    # Reflect padding needs pad < size: truncate (and renormalise) the kernel on tiny maps.
+    pad_h, pad_w = min(r, maps.shape[-2] - 1), min(r, maps.shape[-1] - 1)
+    kw, kh = k[r - pad_w : r + pad_w + 1], k[r - pad_h : r + pad_h + 1]
+    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else x
+    x = F.conv2d(x, (kw / kw.sum()).view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else x
+    x = F.conv2d(x, (kh / kh.sum()).view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+class DFRHead(nn.Module):
+    """The per-product part: feature standardisation + CAE -> anomaly map.
+
+    Kept separate from the frozen extractor so one scoring actor can run the backbone once per
+    batch and apply the small head of each product line to its own rows.
+    """
+
+    def __init__(self, config: ModelConfig, channels: int, latent_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.cae = CAE(channels, latent_dim)
+        self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store per-channel training statistics (used when feature_norm == 'channel')."""
+        self.feature_mean.copy_(mean.view_as(self.feature_mean))
+        self.feature_std.copy_(std.clamp(min=1e-6).view_as(self.feature_std))
+
+    def standardize(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.config.feature_norm == "channel":
+            return (feats - self.feature_mean) / self.feature_std
+        return feats
+
+    def error_grid(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per-position squared reconstruction error averaged over channels: (B, G, G)."""
+        z = self.standardize(feats.float())
+        return (self.cae(z) - z).pow(2).mean(dim=1)
+
+    def forward(self, feats: torch.Tensor) -> AnomalyOutput:
+        grid = self.error_grid(feats)
+        size = self.config.image_size
+        full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        amap = gaussian_blur(full[:, 0], self.config.smoothing_sigma)
+        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+
+class DFRModel(nn.Module):
+    """Extractor (frozen, shareable) + head (per product line)."""
+
+    def __init__(self, extractor: FeatureExtractor, head: DFRHead) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.head = head
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.head.config
+
+    def forward(self, x: torch.Tensor) -> AnomalyOutput:
+        """x: (B, 3, S, S) ImageNet-normalised."""
+        return self.head(self.extractor(x))
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray], batch_size: int = 16) -> AnomalyOutput:
+        """Decoded images of any size -> maps at image_size and scores, in eval mode."""
+        self.eval()
+        device = next(self.head.parameters()).device
+        maps, scores = [], []
+        size = self.config.image_size
+        for i in range(0, len(images), batch_size):
+            batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
+            out = self(normalize_batch(torch.from_numpy(batch).to(device)))
+            maps.append(out.anomaly_map.cpu())
+            scores.append(out.score.cpu())
+        return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+
+    @classmethod
+    def from_artifact(
+        cls, path: str, weights_path: str | None = None, allow_random_init: bool = False
+    ) -> DFRModel:
+        """Rebuild a saved model exactly (see dfr_core.artifact.load_model)."""
+        from dfr_core.artifact import load_model  # local import: artifact imports this module
+
+        return load_model(path, weights_path, allow_random_init).model
+
+
+def build_extractor(
+    config: ModelConfig,
+    weights_path: str | None = None,
+    allow_random_init: bool = False,
+) -> FeatureExtractor:
+    """Build the frozen extractor a config describes (weights resolved by the backbone registry)."""
+    backbone: FeatureBackbone = build_backbone(
+        config.backbone,
+        layers=config.layers or None,
+        weights_path=weights_path,
+        allow_random_init=allow_random_init,
+    )
+    return FeatureExtractor(backbone, config.image_size, config.pool)

@@ -1,0 +1,222 @@
+"""Fitting the DFR autoencoder on cached features of normal images.
+
+The backbone is frozen, so features are computed once and cached (fp16, within a memory
+budget). The CAE is all 1x1 convolutions, so each step trains on randomly sampled grid positions
+of a few images: the same objective as whole maps at a fraction of the cost on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dfr_core.cae import pca_latent_dim
+from dfr_core.config import ModelConfig, TrainConfig, to_dict
+from dfr_core.device import inference_mode
+from dfr_core.features import FeatureExtractor
+from dfr_core.model import DFRHead, DFRModel
+from dfr_core.preprocess import normalize_batch
+
+
+class EpochStats(NamedTuple):
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+
+
+class FitResult(NamedTuple):
+    model: DFRModel
+    summary: dict
+
+
+ProgressFn = Callable[[EpochStats], None]
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held-out) split; at least one held out when fraction > 0."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def extract_bank(
+    extractor: FeatureExtractor,
+    images: np.ndarray,
+    config: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Features of (N, S, S, 3) uint8 images as an fp16 (N, C, P) bank on the CPU.
+
+    P is every grid position when the bank fits config.cache_budget_mb, else a fixed random
+    subset per image sized to fit (never less than positions_per_image).
+    """
+    n, grid = len(images), extractor.grid_size
+    per_image = extractor.channels * grid * grid * 2
+    budget = config.cache_budget_mb * 2**20
+    positions = grid * grid
+    if n * per_image > budget:
+        positions = max(config.positions_per_image, budget // (n * extractor.channels * 2))
+        positions = min(positions, grid * grid)
+    bank = torch.empty(n, extractor.channels, positions, dtype=torch.float16)
+    for i in range(0, n, config.feature_batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + config.feature_batch_size]))
+        with inference_mode(device):
+            feats = extractor(normalize_batch(batch.to(device))).float().flatten(2).cpu()
+        if positions < grid * grid:
+            idx = torch.stack(
+                [torch.randperm(grid * grid, generator=generator)[:positions] for _ in feats]
+            )
+            feats = torch.gather(feats, 2, idx[:, None, :].expand(-1, feats.shape[1], -1))
+        bank[i : i + len(feats)] = feats.half()
+    return bank
+
+
+def channel_stats(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over all images and positions (float64 accumulation)."""
+    total = torch.zeros(bank.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for chunk in bank.split(16):
+        c = chunk.double()
+        total += c.sum(dim=(0, 2))
+        total_sq += c.pow(2).sum(dim=(0, 2))
+    count = bank.shape[0] * bank.shape[2]
+    mean = total / count
+    var = (total_sq / count - mean.pow(2)).clamp(min=0.0)
+    return mean.float(), var.sqrt().float()
+
+
+def sample_vectors(bank: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random (image, position) feature vectors from the bank: (count, C) float32."""
+    img = torch.randint(bank.shape[0], (count,), generator=generator)
+    pos = torch.randint(bank.shape[2], (count,), generator=generator)
+    return bank[img, :, pos].float()
+
+
+def _batch(bank: torch.Tensor, idx: torch.Tensor, ppi: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, C, ppi, 1) float32: `ppi` random positions from each of the images `idx`."""
+    chunk = bank[idx]
+    if ppi < chunk.shape[2]:
+        pos = torch.randint(chunk.shape[2], (len(idx), ppi), generator=gen)
+        chunk = torch.gather(chunk, 2, pos[:, None, :].expand(-1, chunk.shape[1], -1))
+    return chunk.float()[..., None]
+
+
+@torch.no_grad()
+def bank_loss(head: DFRHead, bank: torch.Tensor, device: torch.device) -> float:
+    """Mean reconstruction error over every cached vector, in eval mode."""
+    head.eval()
+    total, count = 0.0, 0
+    for chunk in bank.split(8):
+        z = head.standardize(chunk.float()[..., None].to(device))
+        total += float((head.cae(z) - z).pow(2).mean(dim=1).sum())
+        count += chunk.shape[0] * chunk.shape[2]
+    return total / max(count, 1)
+
+
+def _train_epoch(head, bank, cfg, optimizer, gen, device) -> float:
+    head.train()
+    order = torch.randperm(bank.shape[0], generator=gen)
+    losses = []
+    for start in range(0, len(order), cfg.batch_size):
+        z = head.standardize(
+            _batch(bank, order[start : start + cfg.batch_size], cfg.positions_per_image, gen).to(
+                device
+            )
+        )
+        loss = (head.cae(z) - z).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach().item())
+    return float(np.mean(losses))
+
+
+def build_head(
+    extractor: FeatureExtractor,
+    model_config: ModelConfig,
+    bank: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+) -> tuple[DFRHead, int]:
+    """Feature statistics and PCA latent width from the training bank -> an untrained head."""
+    mean, std = channel_stats(bank)
+    if model_config.latent_dim is not None:
+        latent = model_config.latent_dim
+    else:
+        vectors = sample_vectors(bank, min(cfg.pca_samples, bank.shape[0] * bank.shape[2]), gen)
+        if model_config.feature_norm == "channel":
+            vectors = (vectors - mean) / std.clamp(min=1e-6)
+        latent = min(pca_latent_dim(vectors, model_config.pca_variance), extractor.channels)
+    torch.manual_seed(cfg.seed)
+    head = DFRHead(model_config, extractor.channels, latent)
+    head.set_feature_stats(mean, std)
+    return head, latent
+
+
+def fit(
+    extractor: FeatureExtractor,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    train_images: np.ndarray,
+    val_images: np.ndarray | None = None,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> FitResult:
+    """Train a DFR head on normal images (N, S, S, 3) uint8; early-stop on val_images if given."""
+    device = device or torch.device("cpu")
+    cfg = train_config
+    if len(train_images) < 2:
+        raise ValueError(f"need at least 2 training images, got {len(train_images)}")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    extractor.to(device).eval()
+    bank = extract_bank(extractor, train_images, cfg, device, gen)
+    val_bank = None
+    if val_images is not None and len(val_images):
+        val_bank = extract_bank(extractor, val_images, cfg, device, gen)
+    t_features = time.perf_counter() - t0
+    head, latent = build_head(extractor, model_config, bank, cfg, gen)
+    head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    best = (math.inf, 0, None)
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        train_loss = _train_epoch(head, bank, cfg, optimizer, gen, device)
+        val_loss = bank_loss(head, val_bank, device) if val_bank is not None else None
+        stats = EpochStats(epoch, cfg.epochs, train_loss, val_loss, time.perf_counter() - t_epoch)
+        history.append(stats._asdict())
+        if progress is not None:
+            progress(stats)
+        if val_loss is None:
+            best = (train_loss, epoch, None)  # nothing held out: keep the last weights
+        elif val_loss < best[0] * (1.0 - cfg.min_delta):
+            best = (val_loss, epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
+        elif cfg.patience and epoch - best[1] >= cfg.patience:
+            break
+    if best[2] is not None:
+        head.load_state_dict(best[2])
+    head.eval()
+    summary = {
+        "train_images": int(len(train_images)),
+        "val_images": 0 if val_images is None else int(len(val_images)),
+        "channels": extractor.channels,
+        "latent_dim": latent,
+        "epochs_run": len(history),
+        "best_epoch": best[1],
+        "best_loss": best[0],
+        "cached_positions_per_image": int(bank.shape[2]),
+        "feature_seconds": round(t_features, 3),
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "train_config": to_dict(cfg),
+        "history": history,
+    }
+    return FitResult(DFRModel(extractor, head), summary)

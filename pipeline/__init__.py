@@ -1,0 +1,1 @@
+"""DFR anomaly-segmentation batch pipeline."""
