@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -56,46 +57,74 @@ def split_overrides(overrides: dict) -> tuple[ModelConfig, TrainConfig]:
     return ModelConfig(**m), TrainConfig(**t)
 
 
-def run_one(root: Path, overrides: dict, data_cache: dict, max_train: int | None) -> dict:
-    mcfg, tcfg = split_overrides(overrides)
-    key = (root, mcfg.image_size)
-    if key not in data_cache:
+def load_data(root: Path, size: int, cache: dict, max_train: int | None):
+    if (root, size) not in cache:
         train_paths, test_samples = list_category(root)
-        data_cache[key] = (
-            load_images(train_paths, mcfg.image_size),
-            load_test(test_samples, mcfg.image_size),
-        )
-    train_all, test = data_cache[key]
-    if max_train:
-        train_all = train_all[:max_train]
+        cache[(root, size)] = (load_images(train_paths, size), load_test(test_samples, size))
+    train_all, test = cache[(root, size)]
+    return (train_all[:max_train] if max_train else train_all), test
+
+
+def evaluate_row(model, cal_images, test, sigma: float, per_type: bool) -> dict:
+    """Calibrate and evaluate the trained model with smoothing sigma (no retraining needed)."""
+    model.head.config = dataclasses.replace(model.head.config, smoothing_sigma=sigma)
+    cal = calibrate(model, cal_images, CalibrationConfig())
+    ev = evaluate(model, test.images, test.masks, test.labels, cal)
+    types = {}
+    for kind in sorted(set(test.defects) - {"good"}) if per_type else []:
+        sel = np.array([d in ("good", kind) for d in test.defects])
+        sub = evaluate(model, test.images[sel], test.masks[sel], test.labels[sel], cal)
+        types[kind] = (sub.image_auroc, sub.pixel_auroc, sub.pro)
+    return {"ev": ev, "per_type": types}
+
+
+def run_one(root: Path, overrides: dict, cache: dict, args) -> list[dict]:
+    """Train once with `overrides`; evaluate at each --sigmas value (default: the config's)."""
+    mcfg, tcfg = split_overrides(overrides)
+    train_all, test = load_data(root, mcfg.image_size, cache, args.max_train)
     tr, va = holdout_split(len(train_all), tcfg.val_fraction, tcfg.seed)
     torch.manual_seed(tcfg.seed)
     t0 = time.perf_counter()
-    extractor = build_extractor(mcfg)
-    result = fit(extractor, mcfg, tcfg, train_all[tr], train_all[va])
-    cal = calibrate(result.model, train_all[va], CalibrationConfig())
+
+    def progress(s) -> None:
+        if args.verbose:
+            print(
+                f"  epoch {s.epoch}/{s.epochs} train {s.train_loss:.4f} val {s.val_loss}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result = fit(build_extractor(mcfg), mcfg, tcfg, train_all[tr], train_all[va], progress=progress)
     fit_s = time.perf_counter() - t0
-    ev = evaluate(result.model, test.images, test.masks, test.labels, cal)
-    per_type = {}
-    for kind in sorted(set(test.defects) - {"good"}):
-        sel = np.array([d in ("good", kind) for d in test.defects])
-        sub = evaluate(result.model, test.images[sel], test.masks[sel], test.labels[sel], cal)
-        per_type[kind] = (sub.image_auroc, sub.pixel_auroc, sub.pro)
-    return {
-        "config": overrides or {"defaults": True},
-        "image_auroc": ev.image_auroc,
-        "pixel_auroc": ev.pixel_auroc,
-        "pro": ev.pro,
-        "f1": ev.f1,
-        "iou": ev.iou,
-        "latent_d": result.summary["latent_dim"],
-        "channels": result.summary["channels"],
-        "epochs": result.summary["epochs_run"],
-        "train_images": len(tr),
-        "fit_s": fit_s,
-        "ms_per_image": ev.ms_per_image,
-        "per_type": per_type,
-    }
+    rows = []
+    for sigma in args.sigmas or [mcfg.smoothing_sigma]:
+        r = evaluate_row(result.model, train_all[va], test, sigma, args.per_type)
+        cfg = dict(overrides)
+        if args.sigmas:
+            cfg["smoothing_sigma"] = sigma
+        rows.append(
+            {
+                **r,
+                "config": cfg or {"defaults": True},
+                "summary": result.summary,
+                "fit_s": fit_s,
+                "train_images": len(tr),
+            }
+        )
+    return rows
+
+
+def print_row(root: Path, r: dict) -> None:
+    ev, s = r["ev"], r["summary"]
+    cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+    print(
+        f"| {root.name} | {cfg} | {fmt(ev.image_auroc)} | {fmt(ev.pixel_auroc)} | "
+        f"{fmt(ev.pro)} | {fmt(ev.f1)} | {fmt(ev.iou)} | {s['channels']} | {s['latent_dim']} | "
+        f"{s['epochs_run']} | {r['train_images']} | {r['fit_s']:.0f} | {ev.ms_per_image:.0f} |",
+        flush=True,
+    )
+    for kind, (ia, pa, pro) in r["per_type"].items():
+        print(f"|   {kind} | | {fmt(ia)} | {fmt(pa)} | {fmt(pro)} | | | | | | | | |", flush=True)
 
 
 def fmt(x) -> str:
@@ -113,6 +142,14 @@ def main() -> None:
     )
     ap.add_argument("--per-type", action="store_true", help="also print metrics per defect type")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--sigmas",
+        type=float,
+        nargs="*",
+        default=None,
+        help="evaluate each trained model at these smoothing sigmas (no retraining)",
+    )
+    ap.add_argument("--verbose", action="store_true", help="per-epoch losses on stderr")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,21 +166,8 @@ def main() -> None:
     for root in map(Path, args.data):
         cache: dict = {}
         for overrides in variants(args):
-            r = run_one(root, overrides, cache, args.max_train)
-            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
-            print(
-                f"| {root.name} | {cfg} | {fmt(r['image_auroc'])} | {fmt(r['pixel_auroc'])} | "
-                f"{fmt(r['pro'])} | {fmt(r['f1'])} | {fmt(r['iou'])} | {r['channels']} | "
-                f"{r['latent_d']} | {r['epochs']} | {r['train_images']} | {r['fit_s']:.0f} | "
-                f"{r['ms_per_image']:.0f} |",
-                flush=True,
-            )
-            if args.per_type:
-                for kind, (ia, pa, pro) in r["per_type"].items():
-                    print(
-                        f"|   {kind} | | {fmt(ia)} | {fmt(pa)} | {fmt(pro)} | | | | | | | | |",
-                        flush=True,
-                    )
+            for row in run_one(root, overrides, cache, args):
+                print_row(root, row)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {peak:.1f} GiB")
 

@@ -480,20 +480,26 @@ class FeatureBackbone(nn.Module):
         the features."""
         return super().train(False)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def iter_maps(self, x: Tensor) -> Iterator[Tensor]:
+        """Yield the requested maps one at a time, in self.layers order, as they are computed.
+
+        A consumer that reduces each map right away (regional pooling) never holds all the
+        full-resolution maps at once, which keeps peak memory near a single layer's.
+        """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) input, got shape {tuple(x.shape)}")
         want = set(self._steps)
         last = self._steps[-1]
-        found: dict[int, Tensor] = {}
         x = self.input_norm(x)
         for i, step in enumerate(self._iter_steps(self.model)):
             x = step(x)
             if i in want:
-                found[i] = x
+                yield x
             if i == last:
                 break
-        return [found[i] for i in self._steps]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return list(self.iter_maps(x))
 
     def extra_repr(self) -> str:
         names = ", ".join(layer.name for layer in self.layers)

@@ -51,7 +51,7 @@ class TrainConfig:
 
     epochs: int = 60
     batch_size: int = 4  # images per step (the reference uses 4)
-    positions_per_image: int = 1024  # grid positions sampled per image per step (1x1 convs)
+    positions_per_image: int = 256  # grid positions sampled per image per step (1x1 convs)
     lr: float = 1e-4
     val_fraction: float = 0.1  # held-out normal images for early stopping and calibration
     patience: int = 8  # epochs without validation improvement before stopping; 0 disables

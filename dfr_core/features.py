@@ -64,7 +64,7 @@ class RegionalPooling(nn.Module):
             self._cache[key] = mat.to(device=ref.device, dtype=ref.dtype)
         return self._cache[key]
 
-    def _one(self, fmap: torch.Tensor) -> torch.Tensor:
+    def pool_one(self, fmap: torch.Tensor) -> torch.Tensor:
         h, w = fmap.shape[-2:]
         if h == self.image_size and w == self.image_size:
             return F.avg_pool2d(fmap, self.pool, self.pool)  # upsampling is the identity here
@@ -73,7 +73,7 @@ class RegionalPooling(nn.Module):
         return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self._one(m.float()) for m in maps], dim=1)
+        return torch.cat([self.pool_one(m.float()) for m in maps], dim=1)
 
 
 class FeatureExtractor(nn.Module):
@@ -96,7 +96,16 @@ class FeatureExtractor(nn.Module):
             raise ValueError(
                 f"expected input of {self.image_size}x{self.image_size}, got {tuple(x.shape)}"
             )
-        return self.pooling(self.backbone(x))
+        grid = self.grid_size
+        out = torch.empty(x.shape[0], self.channels, grid, grid, device=x.device)
+        start = 0
+        # Pool each map as soon as the backbone yields it, into a preallocated output: no
+        # full-resolution map outlives its layer and no concatenation copy is made.
+        for fmap in self.backbone.iter_maps(x):
+            pooled = self.pooling.pool_one(fmap.float())
+            out[:, start : start + pooled.shape[1]] = pooled
+            start += pooled.shape[1]
+        return out
 
 
 def literal_regional_features(

@@ -296,7 +296,7 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
     it. Regions are 8-connected within an image and never span two images.
     """
     n, h, w = masks.shape
-    runs, component, count = _run_components(masks.reshape(n * h, w), 4, h)
+    runs, component, count = _run_components(masks.reshape(n * h, w), 8, h)
     if count == 0:
         raise ValueError("PRO needs at least one defect region, but every mask is empty")
     lengths = runs.stop - runs.start

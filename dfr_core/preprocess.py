@@ -50,7 +50,8 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     rgb = to_rgb_uint8(image)
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
-    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    # decoded arrays are often read-only views of PIL buffers; torch needs a writable array
+    t = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     out = out.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
     return np.ascontiguousarray(out.numpy())

@@ -1,0 +1,387 @@
+"""Throughput and memory of the whole scoring job vs the bare model, in the same run.
+
+    python benchmarks/throughput.py --n 1000 --n 10000
+
+For each N, one fresh subprocess (so peak memory is per case, not carried over) measures:
+- bare: read + decode + resize + model forward (backbone + head) on the driver, same batch size,
+  torch using every core -- the upper bound a pipeline on this machine could reach;
+- job-local: run_score_job over a Parquet listing of N local files (Ray Data, local Ray);
+- job-s3: the same listing with the images on a local moto S3 server.
+Job figures are whole-job images/s (scoring stage wall time: actor start, model load, streaming,
+Parquet and masks included). Memory: the driver's peak RSS, and the peak of the summed RSS of the
+driver plus every Ray process it started, sampled every 0.25 s (the plasma store's shared pages
+are counted once per process that maps them, so this overstates the total, but it is the same
+measure at every N, which is what "flat" compares).
+
+Model: mobilenet_v2 (offline ImageNet weights) with its default layers at ``--size`` px, a head
+trained briefly on synthetic images. Images are ``--image-px`` square PNGs from
+pipeline.synthetic (a pool of distinct images written under N names, so setup stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+LINE = "metal_plate"
+POOL = 64  # distinct images; file i is a copy of pool[i % POOL]
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class ProcessTree:
+    """Samples this process and its descendants (every Ray process it started): the peak of
+    their summed RSS and the CPU time they used while sampling (CPU seconds are what a shared,
+    oversubscribed machine cannot distort, unlike wall time)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak_kb = 0
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, first: bool = False) -> None:
+        pids = _descendants(os.getpid())
+        self.peak_kb = max(self.peak_kb, sum(_rss_kb(pid) for pid in pids))
+        for pid in pids:
+            ticks = _cpu_ticks(pid)
+            self._first.setdefault(pid, ticks if first else 0)
+            self._last[pid] = max(self._last.get(pid, 0), ticks)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @property
+    def cpu_seconds(self) -> float:
+        ticks = sum(self._last[pid] - self._first[pid] for pid in self._last)
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> ProcessTree:
+        self._sample(first=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# --------------------------------------------------------------------------------------------
+# setup (parent)
+# --------------------------------------------------------------------------------------------
+
+
+def _train(root: Path, size: int) -> str:
+    import numpy as np
+
+    from dfr_core.artifact import save_model
+    from dfr_core.calibrate import calibrate
+    from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
+    from dfr_core.model import build_extractor
+    from dfr_core.train import fit
+    from pipeline import registry
+    from pipeline.synthetic import render_normal
+
+    config = ModelConfig(backbone="mobilenet_v2", image_size=size)
+    train = TrainConfig(epochs=3, batch_size=4, positions_per_image=256, patience=0)
+    images = np.stack([render_normal(LINE, np.random.default_rng(i), size) for i in range(12)])
+    result = fit(build_extractor(config), config, train, images[:9])
+    calibration = calibrate(result.model, images[9:], CalibrationConfig())
+    save_model(result.model, root / "trained", calibration)
+    models = str(root / "models")
+    registry.publish(root / "trained", models, LINE)
+    return models
+
+
+def _pool(image_px: int) -> list[bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.synthetic import render_defect, render_normal
+
+    out = []
+    for i in range(POOL):
+        rng = np.random.default_rng(10_000 + i)
+        img = render_defect(LINE, "spot", rng, image_px)[0] if i % 16 == 0 else None
+        img = img if img is not None else render_normal(LINE, rng, image_px)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _write_archive(base: str, n: int, pool: list[bytes], listing: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    uris = [f"{base}/{LINE}/img_{i:06d}.png" for i in range(n)]
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda i: storage.write_bytes_atomic(uris[i], pool[i % POOL]), range(n)))
+    pq.write_table(pa.table({"image_uri": uris, "product_line": [LINE] * n}), listing)
+
+
+# --------------------------------------------------------------------------------------------
+# one case (child)
+# --------------------------------------------------------------------------------------------
+
+
+def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from dfr_core.artifact import load_model
+    from dfr_core.device import inference_mode
+    from dfr_core.preprocess import normalize_batch, resize_image
+    from pipeline import registry, storage
+    from pipeline.imageio import decode_image
+
+    loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
+    model, size = loaded.model.eval(), loaded.model.config.image_size
+    uris = pq.read_table(listing).column("image_uri").to_pylist()[:limit]
+    device = torch.device("cpu")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(uris), batch):
+        arrays = [
+            resize_image(decode_image(storage.read_bytes(u)), size) for u in uris[i : i + batch]
+        ]
+        x = normalize_batch(torch.from_numpy(np.stack(arrays)))
+        with inference_mode(device):
+            feats = model.extractor(x)
+        model.head(feats.float())
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {
+        "images": len(uris),
+        "seconds": round(seconds, 2),
+        "ips": round(len(uris) / seconds, 2),
+        "cpu_s_per_image": round(cpu / len(uris), 4),
+    }
+
+
+def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: str) -> dict:
+    from pipeline.score_job import ScoreJobConfig, run_score_job
+
+    config = ScoreJobConfig(
+        models_uri=models,
+        input_uri=str(listing),
+        output_uri=out,
+        run_date="2024-05-01",
+        batch_size=args.batch,
+        cpus_per_actor=args.cpus_per_actor,
+        decode_cpus=args.decode_cpus,
+        torch_threads=args.torch_threads,
+        cache_dir=cache,
+        quiet=True,
+    )
+    with ProcessTree() as tree:
+        t0 = time.perf_counter()
+        summary = run_score_job(config)
+        total = time.perf_counter() - t0
+    return {
+        "images": summary.counts["rows"],
+        "ok": summary.counts["ok"],
+        "seconds": round(summary.seconds, 2),
+        "total_seconds": round(total, 2),
+        "ips": round(summary.images_per_second, 2),
+        "cpu_s_per_image": round(tree.cpu_seconds / summary.counts["rows"], 4),
+        "tree_peak_mb": round(tree.peak_kb / 1024),
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    import ray
+    import torch
+
+    work = Path(args.work)
+    cache = str(work / "cache")
+    torch.set_num_threads(os.cpu_count() or 1)
+    local_listing = work / f"local-{args.case_n}.parquet"
+    limit = min(args.case_n, args.bare_limit)
+    result: dict = {"n": args.case_n}
+    # Bare before and after the jobs, averaged: other load on a shared machine then biases
+    # neither side of the ratio.
+    before = _bare(args.models, local_listing, args.batch, limit, cache)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    for source in ("local", "s3"):
+        listing = work / f"{source}-{args.case_n}.parquet"
+        out = str(work / f"out-{source}-{args.case_n}")
+        result[f"job_{source}"] = _job(args.models, listing, out, args, cache)
+    ray.shutdown()
+    after = _bare(args.models, local_listing, args.batch, limit, cache)
+    result["bare"] = {
+        "images": limit,
+        "ips_before": before["ips"],
+        "ips_after": after["ips"],
+        "ips": round((before["ips"] + after["ips"]) / 2, 2),
+        "cpu_s_per_image": round((before["cpu_s_per_image"] + after["cpu_s_per_image"]) / 2, 4),
+    }
+    for source in ("local", "s3"):
+        job = result[f"job_{source}"]
+        job["ratio"] = round(job["ips"] / result["bare"]["ips"], 3)
+        # bare CPU per image / job CPU per image: 1.0 means the pipeline adds no CPU work
+        job["cpu_efficiency"] = round(result["bare"]["cpu_s_per_image"] / job["cpu_s_per_image"], 3)
+    result["driver_peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# main (parent)
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, action="append", help="images per case (repeatable)")
+    parser.add_argument("--size", type=int, default=256, help="model input size")
+    parser.add_argument("--image-px", type=int, default=320, help="source image size")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--decode-cpus", type=float, default=0.5)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--bare-limit",
+        type=int,
+        default=1000,
+        help="images for the bare measurement (steady state: no need for all N)",
+    )
+    parser.add_argument("--work", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--models", help=argparse.SUPPRESS)
+    parser.add_argument("--case-n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case_n:
+        child(args)
+        return
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["DFR_S3_ENDPOINT_URL"] = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=os.environ["DFR_S3_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    work = Path(args.work or tempfile.mkdtemp(prefix="dfr-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    models = _train(work, args.size)
+    pool = _pool(args.image_px)
+    print(f"setup: model trained, pool rendered in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    for n in args.n or [1000]:
+        t0 = time.perf_counter()
+        _write_archive(str(work / f"archive-{n}"), n, pool, work / f"local-{n}.parquet")
+        _write_archive(f"s3://bench/archive-{n}", n, pool, work / f"s3-{n}.parquet")
+        print(f"n={n}: archives written in {time.perf_counter() - t0:.0f} s", flush=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--case-n",
+            str(n),
+            "--models",
+            models,
+            "--work",
+            str(work),
+            "--batch",
+            str(args.batch),
+            "--cpus-per-actor",
+            str(args.cpus_per_actor),
+            "--decode-cpus",
+            str(args.decode_cpus),
+            "--torch-threads",
+            str(args.torch_threads),
+            "--bare-limit",
+            str(args.bare_limit),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+            raise SystemExit(f"case n={n} failed (exit {proc.returncode})")
+        results.append(json.loads(line[0][len("RESULT ") :]))
+        print(json.dumps(results[-1]), flush=True)
+    server.stop()
+
+    print(
+        f"\nmobilenet_v2 default layers, {args.size} px, batch {args.batch}, "
+        f"{os.cpu_count()} CPUs, source images {args.image_px} px PNG"
+    )
+    print(
+        "| images | bare img/s | job local img/s (ratio) | job S3 img/s (ratio) "
+        "| CPU ms/img bare / local / S3 | CPU efficiency local / S3 "
+        "| peak RSS tree local / S3 (MB) | driver peak (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        bare, lo, s3 = r["bare"], r["job_local"], r["job_s3"]
+        cpu = [round(1000 * x["cpu_s_per_image"]) for x in (bare, lo, s3)]
+        print(
+            f"| {r['n']} | {bare['ips']} | {lo['ips']} ({lo['ratio']:.0%}) "
+            f"| {s3['ips']} ({s3['ratio']:.0%}) | {cpu[0]} / {cpu[1]} / {cpu[2]} "
+            f"| {lo['cpu_efficiency']:.0%} / {s3['cpu_efficiency']:.0%} "
+            f"| {lo['tree_peak_mb']} / {s3['tree_peak_mb']} | {r['driver_peak_mb']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Scheduled entry points (the nightly scoring run)."""

@@ -1,0 +1,257 @@
+"""The ``dfr-pipeline`` command line: each command parses flags into a config and calls one
+function; output formatting lives here, the work in the modules it calls."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from dfr_core.backbones import WeightsNotFoundError, list_backbones
+from pipeline.demo import DemoConfig, run_demo
+from pipeline.manifest import ManifestError
+from pipeline.progress import render_table
+from pipeline.registry import describe
+from pipeline.storage import StorageOptions
+from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
+
+EXIT_FAILED = 1  # ran, but at least one product line failed
+EXIT_BAD_INPUT = 2  # nothing ran: bad manifest or flags (click uses 2 for usage errors too)
+
+RESULT_HEADERS = (
+    "product", "status", "images", "latent d", "img thr", "px thr",
+    "img AUROC", "px AUROC", "PRO", "wall s", "version",
+)  # fmt: skip
+
+
+def _storage_options(s3_endpoint_url: str | None) -> StorageOptions:
+    """--s3-endpoint-url wins; otherwise the environment (DFR_S3_ENDPOINT_URL, AWS_*)."""
+    env = StorageOptions.from_env()
+    if s3_endpoint_url:
+        return StorageOptions(s3_endpoint_url=s3_endpoint_url, anon=env.anon)
+    return env
+
+
+def _split_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--only a --only b and --only a,b both work."""
+    return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
+
+
+def format_results(result: TrainJobResult) -> str:
+    """The final table, then one line per failed product line with its error."""
+    rows = []
+    for r in result.results:
+        metrics = r.get("metrics") or {}
+        rows.append(
+            (
+                r["product_line"], r["status"], r.get("train_images"), r.get("latent_dim"),
+                r.get("image_threshold"), r.get("pixel_threshold"), metrics.get("image_auroc"),
+                metrics.get("pixel_auroc"), metrics.get("pro"), r.get("wall_seconds"),
+                r.get("version"),
+            )
+        )  # fmt: skip
+    text = render_table(RESULT_HEADERS, rows)
+    errors = [f"FAILED {r['product_line']}: {r['error']}" for r in result.results if r["error"]]
+    return "\n".join([text, *errors])
+
+
+def _echo_err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+@click.group()
+def main() -> None:
+    """DFR anomaly segmentation: train per-product-line models on Ray, score image archives."""
+
+
+@main.command()
+@click.option(
+    "--products",
+    "manifest_uri",
+    required=True,
+    metavar="URI",
+    help="Manifest CSV (local path or s3://).",
+)
+@click.option(
+    "--models-uri",
+    required=True,
+    metavar="URI",
+    help="Model registry root: a path, file:// or s3://bucket/prefix.",
+)
+@click.option(
+    "--backbone",
+    type=click.Choice(list_backbones()),
+    default=None,
+    help="Backbone for lines without a manifest override [default: mobilenet_v2].",
+)
+@click.option(
+    "--weights",
+    "weights_uri",
+    metavar="URI",
+    default=None,
+    help="Backbone weights file (path or s3://) instead of the offline package.",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training epochs for lines without an override [default: 60].",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=32),
+    default=None,
+    help="Model input size, a multiple of 32 [default: 256].",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to join ('auto', host:port, ray://...); omitted: local Ray.",
+)
+@click.option(
+    "--gpus-per-task",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="GPUs per product line (fractions share a GPU, e.g. 0.25).",
+)
+@click.option(
+    "--cpus-per-task",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="CPUs per product line.",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="PRODUCT",
+    help="Train only these product lines (repeat, or comma-separated).",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Retries of a product line after a transient storage error.",
+)
+@click.option(
+    "--min-images",
+    type=click.IntRange(min=4),
+    default=4,
+    show_default=True,
+    help="Fewest training images a product line may have.",
+)
+@click.option(
+    "--s3-endpoint-url",
+    default=None,
+    metavar="URL",
+    help="S3-compatible endpoint (MinIO, Ceph); default from AWS_ENDPOINT_URL.",
+)
+def train(
+    manifest_uri: str,
+    models_uri: str,
+    backbone: str | None,
+    weights_uri: str | None,
+    epochs: int | None,
+    image_size: int | None,
+    address: str | None,
+    gpus_per_task: float,
+    cpus_per_task: float,
+    only: tuple[str, ...],
+    retries: int,
+    min_images: int,
+    s3_endpoint_url: str | None,
+) -> None:
+    """Train one model per product line of a manifest and publish them to the registry."""
+    try:
+        config = TrainJobConfig(
+            manifest_uri=manifest_uri,
+            models_uri=models_uri,
+            backbone=backbone,
+            weights_uri=weights_uri,
+            epochs=epochs,
+            image_size=image_size,
+            address=address,
+            gpus_per_task=gpus_per_task,
+            cpus_per_task=cpus_per_task,
+            only=_split_names(only),
+            retries=retries,
+            min_train_images=min_images,
+            storage=_storage_options(s3_endpoint_url),
+        )
+        result = run_train_job(config, echo=_echo_err)
+    except (ManifestError, ValueError, FileNotFoundError, ConnectionError) as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(format_results(result))
+    click.echo(f"models: {models_uri}")
+    if any(r["status"] != OK for r in result.results):
+        sys.exit(EXIT_FAILED)
+
+
+@main.group()
+def models() -> None:
+    """Inspect the model registry."""
+
+
+MODEL_HEADERS = (
+    "product", "version", "latest", "created", "backbone", "size", "images",
+    "img thr", "px thr", "img AUROC", "px AUROC", "PRO",
+)  # fmt: skip
+
+
+def _model_row(d: dict[str, Any]) -> tuple:
+    m = d["metrics"]
+    return (
+        d["product_line"], d["version"], d["latest"], d["created_at"], d["backbone"],
+        d["image_size"], d["train_images"], d["image_threshold"], d["pixel_threshold"],
+        m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"),
+    )  # fmt: skip
+
+
+@models.command("list")
+@click.option("--models-uri", required=True, metavar="URI", help="Model registry root.")
+@click.option("--s3-endpoint-url", default=None, metavar="URL", help="S3-compatible endpoint.")
+def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
+    """Product lines, versions, dates, thresholds and metrics in a registry."""
+    try:
+        rows = describe(models_uri, _storage_options(s3_endpoint_url))
+    except (ValueError, PermissionError) as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    if not rows:
+        click.echo(f"no models under {models_uri}")
+        return
+    click.echo(render_table(MODEL_HEADERS, [_model_row(d) for d in rows]))
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    default="dfr-demo",
+    show_default=True,
+    type=click.Path(),
+    help="Where the synthetic data, manifest and models are written.",
+)
+def demo(workdir: str) -> None:
+    """Generate a synthetic archive, train on local Ray, evaluate, and say where it all is."""
+    try:
+        result = run_demo(DemoConfig(workdir=workdir), echo=_echo_err)
+    except WeightsNotFoundError as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(format_results(result.train))
+    click.echo(result.describe())
+    if result.train.failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _register_commands(*commands: click.Command) -> None:
+    """Attach commands defined in other modules (e.g. the scoring commands) to the group."""
+    for command in commands:
+        main.add_command(command)
+
+
+_register_commands()

@@ -1,0 +1,113 @@
+"""``dfr-pipeline report``: flags -> ReportConfig -> write_report, nothing else.
+
+A plain click command; pipeline/cli.py registers it in the ``dfr-pipeline`` group. It does not
+import pipeline.cli (which imports this module), hence its own small option helpers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.report import ReportConfig, ReportError, write_report
+from pipeline.storage import StorageOptions
+
+EXIT_BAD_INPUT = 2
+
+
+def _storage_options(s3_endpoint_url: str | None) -> StorageOptions:
+    """--s3-endpoint-url wins; otherwise the environment (DFR_S3_ENDPOINT_URL, AWS_*)."""
+    env = StorageOptions.from_env()
+    if s3_endpoint_url:
+        return StorageOptions(s3_endpoint_url=s3_endpoint_url, anon=env.anon)
+    return env
+
+
+def _split_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--products a --products b and --products a,b both work."""
+    return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
+
+
+@click.command("report")
+@click.option(
+    "--scores",
+    "scores_uri",
+    required=True,
+    metavar="URI",
+    help="Scoring output root (or its scores/ folder): a path, file:// or s3://.",
+)
+@click.option("--run-date", metavar="YYYY-MM-DD", help="Report one run date.")
+@click.option("--from", "date_from", metavar="YYYY-MM-DD", help="First run date (inclusive).")
+@click.option("--to", "date_to", metavar="YYYY-MM-DD", help="Last run date (inclusive).")
+@click.option(
+    "--products",
+    multiple=True,
+    metavar="NAMES",
+    help="Product lines to include (repeat or comma-separate); default all.",
+)
+@click.option(
+    "--models-uri",
+    metavar="URI",
+    help="Model registry root; adds training, calibration and evaluation per model version.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Local directory for report.html (created if missing).",
+)
+@click.option(
+    "--top-n",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Highest-scoring images shown per product line.",
+)
+@click.option(
+    "--max-error-rows",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Error rows listed per product line (counts always cover all).",
+)
+@click.option(
+    "--s3-endpoint-url",
+    metavar="URL",
+    help="S3-compatible endpoint (MinIO, Ceph); default from DFR_S3_ENDPOINT_URL/AWS_*.",
+)
+def report(
+    scores_uri: str,
+    run_date: str | None,
+    date_from: str | None,
+    date_to: str | None,
+    products: tuple[str, ...],
+    models_uri: str | None,
+    out_dir: str,
+    top_n: int,
+    max_error_rows: int,
+    s3_endpoint_url: str | None,
+) -> None:
+    """Write a static HTML report (report.html in --out) of committed scores; prints its path."""
+    try:
+        config = ReportConfig(
+            scores_uri=scores_uri,
+            out_dir=out_dir,
+            run_date=run_date,
+            date_from=date_from,
+            date_to=date_to,
+            products=_split_names(products),
+            models_uri=models_uri,
+            top_n=top_n,
+            max_error_rows=max_error_rows,
+            storage=_storage_options(s3_endpoint_url),
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        path = write_report(config)
+    except ReportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(str(path))

@@ -1,0 +1,163 @@
+"""``dfr-pipeline score`` and ``dfr-pipeline nightly``: flags -> ScoreJobConfig -> run_score_job.
+
+Exit codes: 0 the run committed (error rows included); 1 the job could not run or was stopped
+before committing; 3 the run committed but more than ``--max-error-fraction`` of its rows are
+errors (alerting should look at it). Click itself uses 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+
+import click
+
+from pipeline.listing import ListingError
+from pipeline.outputs import MASK_MODES
+from pipeline.score_job import (
+    DEFAULT_CACHE_DIR,
+    RunInterrupted,
+    ScoreJobConfig,
+    ShardCountError,
+    run_score_job,
+)
+
+EXIT_FAILED = 1
+EXIT_TOO_MANY_ERRORS = 3
+
+
+def parse_actors(value: str) -> tuple[int, int]:
+    """``N`` (a fixed pool) or ``MIN:MAX`` (an autoscaling pool) -> (min, max)."""
+    try:
+        if ":" in value:
+            low, high = (int(part) for part in value.split(":", 1))
+        else:
+            low = high = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected N or MIN:MAX, got {value!r}") from None
+    if low < 1 or high < low:
+        raise click.BadParameter(f"need 1 <= MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def today_utc() -> str:
+    return dt.datetime.now(dt.UTC).date().isoformat()
+
+
+def execute(config: ScoreJobConfig) -> None:
+    """Run the job, print its summary and exit with the code documented above."""
+    try:
+        summary = run_score_job(config)
+    except (ListingError, RunInterrupted, ShardCountError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(summary.format())
+    if summary.failed:
+        sys.exit(EXIT_TOO_MANY_ERRORS)
+
+
+@click.command("score")
+@click.option("--models-uri", required=True, help="Model registry ({line}/{version}/, LATEST).")
+@click.option(
+    "--input",
+    "input_uri",
+    required=True,
+    help="Listing file (.parquet/.csv: image_uri, product_line[, image_id, captured_at]) "
+    "or a prefix laid out as <prefix>/<product_line>/**/<image>.",
+)
+@click.option("--output", "output_uri", required=True, help="Output root (local path or s3://).")
+@click.option("--run-date", default=None, help="YYYY-MM-DD partition; default: today (UTC).")
+@click.option("--run-id", default=None, help="Default: derived from the date and the content.")
+@click.option("--products", default="", help="Comma-separated product lines; default: all.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--actors", default="1", show_default=True, help="Scoring actors: N or MIN:MAX.")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option(
+    "--decode-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="CPUs per read/decode task.",
+)
+@click.option("--masks", type=click.Choice(MASK_MODES), default="anomalous", show_default=True)
+@click.option("--heatmaps", is_flag=True, help="Also write a heatmap PNG beside each mask.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--max-error-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Exit 3 when more than this fraction of rows are errors.",
+)
+@click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True)
+@click.option("--address", default=None, help="Ray cluster address; default: start locally.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def score(
+    models_uri: str,
+    input_uri: str,
+    output_uri: str,
+    run_date: str | None,
+    run_id: str | None,
+    products: str,
+    batch_size: int,
+    actors: str,
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    decode_cpus: float,
+    masks: str,
+    heatmaps: bool,
+    shard_size: int,
+    max_error_fraction: float,
+    cache_dir: str,
+    address: str | None,
+    quiet: bool,
+) -> None:
+    """Score images with each product line's LATEST model; write Parquet scores and PNG masks."""
+    min_actors, max_actors = parse_actors(actors)
+    try:
+        config = ScoreJobConfig(
+            models_uri=models_uri,
+            input_uri=input_uri,
+            output_uri=output_uri,
+            run_date=run_date or today_utc(),
+            run_id=run_id,
+            products=tuple(p.strip() for p in products.split(",") if p.strip()),
+            batch_size=batch_size,
+            min_actors=min_actors,
+            max_actors=max_actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            decode_cpus=decode_cpus,
+            masks=masks,
+            heatmaps=heatmaps,
+            shard_size=shard_size,
+            max_error_fraction=max_error_fraction,
+            cache_dir=cache_dir,
+            address=address,
+            quiet=quiet,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    execute(config)
+
+
+@click.command("nightly")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Nightly YAML (see jobs/nightly.yaml).",
+)
+@click.option("--run-date", default=None, help="Override the config's run date (YYYY-MM-DD).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
+    """The scheduled run: fix the date, pin LATEST models, score, commit the run record."""
+    from jobs.nightly import NightlyConfigError, load_config
+
+    try:
+        config = load_config(config_path, run_date=run_date, quiet=quiet)
+    except (NightlyConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    execute(config)

@@ -1,0 +1,549 @@
+"""The scoring job: listing -> Ray Data (read, decode, score) -> per-shard Parquet -> run record.
+
+The driver does what must happen exactly once: resolve the listing into fixed shards, pin each
+product line's LATEST model version, skip shards an earlier attempt of the same run committed,
+and write each finished shard and, last, the run record. Ray Data does the per-image work,
+streaming, so memory is bounded by the blocks in flight, not by the number of images.
+
+Why the driver writes the Parquet files (from ``iter_batches``) instead of ``write_parquet``:
+a shard's file name must be deterministic and its commit marker must follow the complete file,
+which is what makes reruns idempotent and interrupted runs resumable (see pipeline.outputs).
+Score rows are small (images and masks never reach the driver), so this is not a bottleneck.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from pipeline import listing as listing_mod
+from pipeline import outputs, registry, storage
+from pipeline.image_sets import canonical_uri
+from pipeline.imageio import DEFAULT_MAX_PIXELS
+from pipeline.listing import Listing
+from pipeline.score_stages import (
+    DecodeConfig,
+    ReadConfig,
+    ScoringActor,
+    ScoringConfig,
+    decode_batch,
+    read_batch,
+)
+from pipeline.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
+#: Input block size in batches: small enough to spread decoding, large enough to keep the
+#: number of objects the driver puts into the object store modest.
+BLOCK_BATCHES = 4
+
+
+class RunInterrupted(RuntimeError):
+    """Raised when ``stop_after_shards`` stops a run on purpose (tests, controlled drains)."""
+
+
+class ShardCountError(RuntimeError):
+    """Ray Data returned a different number of rows for a shard than the listing holds."""
+
+
+@dataclass(frozen=True)
+class ScoreJobConfig:
+    """Everything one scoring run needs; the CLI and the nightly job build one of these."""
+
+    models_uri: str
+    input_uri: str
+    output_uri: str
+    run_date: str  # YYYY-MM-DD: the partition the run writes
+    run_id: str | None = None  # None: derived from the date and the run's content
+    products: tuple[str, ...] = ()  # empty: every product line in the input
+    batch_size: int = 32
+    min_actors: int = 1
+    max_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    decode_cpus: float = 1.0  # per read/decode task
+    read_threads: int = 16  # concurrent object reads per read task (S3 is latency bound)
+    torch_threads: int | None = None  # intra-op threads per actor; None: torch's default
+    masks: str = "anomalous"  # which ok rows get a mask: anomalous | all | none
+    heatmaps: bool = False  # also write a colour heatmap beside each mask
+    shard_size: int = 1000  # rows per committed output file
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 256 * 2**20
+    max_error_fraction: float = 0.1  # above this the run is committed but reported as failed
+    cache_dir: str = DEFAULT_CACHE_DIR  # local model/weights cache (driver and actors)
+    address: str | None = None  # Ray cluster; None: the running one, or a new local one
+    quiet: bool = False
+    storage: StorageOptions | None = None  # None: from the environment
+    #: Test/ops knob: stop (RunInterrupted) after committing this many shards.
+    stop_after_shards: int | None = None
+
+    def __post_init__(self) -> None:
+        outputs.check_run_date(self.run_date)
+        if self.run_id is not None:
+            storage.safe_component(self.run_id, "run id")
+        object.__setattr__(self, "products", tuple(self.products))
+        for line in self.products:
+            storage.safe_component(line, "product line")
+        if self.masks not in outputs.MASK_MODES:
+            raise ValueError(f"masks must be one of {outputs.MASK_MODES}, got {self.masks!r}")
+        for name in ("batch_size", "min_actors", "read_threads", "shard_size", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors {self.max_actors} < min_actors {self.min_actors}")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.decode_cpus <= 0:
+            raise ValueError("cpus_per_actor/gpus_per_actor must be >= 0, decode_cpus > 0")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        if self.stop_after_shards is not None and self.stop_after_shards < 1:
+            raise ValueError("stop_after_shards must be >= 1")
+
+
+@dataclass(frozen=True)
+class LineModel:
+    """A product line's pinned model, or why its images cannot be scored."""
+
+    product_line: str
+    version: str | None
+    image_size: int | None
+    error_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a run did; ``format()`` is the summary the CLI prints."""
+
+    run_id: str
+    run_key: str
+    run_date: str
+    record_uri: str
+    scores_uri: str
+    masks_uri: str
+    counts: dict[str, Any]
+    models: dict[str, str | None]
+    processed: int  # rows scored by this invocation
+    skipped: int  # rows of shards committed by an earlier attempt
+    seconds: float
+    already_committed: bool = False
+    max_error_fraction: float = 1.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_fraction(self) -> float:
+        return self.counts["errors"] / self.counts["rows"] if self.counts["rows"] else 0.0
+
+    @property
+    def failed(self) -> bool:
+        """More rows failed than the configured fraction allows (the CLI exits non-zero)."""
+        return self.error_fraction > self.max_error_fraction
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        c = self.counts
+        reasons = ", ".join(f"{k}={v}" for k, v in c["error_reasons"].items()) or "none"
+        lines = [
+            f"run {self.run_id} ({self.run_date})"
+            + (" already committed: nothing to do" if self.already_committed else ""),
+            f"  images: {c['rows']} listed, {c['read']} read, {c['ok']} scored, "
+            f"{c['anomalous']} anomalous, {c['masks']} masks",
+            f"  errors: {c['errors']} ({self.error_fraction:.1%}) by reason: {reasons}",
+            f"  this invocation: {self.processed} images in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} images/s), {self.skipped} skipped as committed",
+            "  models: " + ", ".join(f"{k}={v}" for k, v in sorted(self.models.items())),
+            f"  scores: {self.scores_uri}",
+            f"  masks:  {self.masks_uri}",
+            f"  record: {self.record_uri}",
+        ]
+        if self.failed:
+            lines.append(
+                f"  FAILED: error fraction {self.error_fraction:.1%} exceeds "
+                f"{self.max_error_fraction:.1%}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning (driver)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) -> LineModel:
+    """Pin ``line``'s LATEST version and check it can score, once, before any Ray work.
+
+    Checking here (metadata, calibration, head checksum, weights) turns a broken model into
+    ``model_error`` rows for its line instead of a failure inside every actor.
+    """
+    try:
+        version = registry.latest_version(config.models_uri, line, options)
+    except ValueError as exc:
+        return LineModel(line, None, None, "model_error", str(exc))
+    if version is None:
+        return LineModel(
+            line, None, None, "no_model", f"no model for product line {line!r} in the registry"
+        )
+    try:
+        directory = registry.fetch(config.models_uri, line, version, config.cache_dir, options)
+        meta = read_metadata(directory)
+        load_head(directory, meta)
+        if calibration_of(meta) is None:
+            raise ArtifactError("the model has no calibration (no thresholds)")
+        if meta["backbone"].get("weights_sha256") is None:
+            raise ArtifactError(
+                "trained on a random-init backbone, which cannot be rebuilt identically"
+            )
+        registry.resolve_weights(meta, config.cache_dir, options)
+        image_size = int(meta["model_config"]["image_size"])
+    except (ArtifactError, OSError, ValueError, KeyError) as exc:
+        message = f"model {line}/{version}: {type(exc).__name__}: {exc}"
+        return LineModel(line, version, None, "model_error", storage.redact(message))
+    return LineModel(line, version, image_size)
+
+
+def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Table:
+    """Rows of lines without a usable model become error rows (their bytes are never read)."""
+    status = table.column("status").to_pylist()
+    reasons = table.column("error_reason").to_pylist()
+    errors = table.column("error").to_pylist()
+    for i, line in enumerate(table.column("product_line").to_pylist()):
+        model = models.get(line)
+        if status[i] == "ok" and model is not None and model.error_reason is not None:
+            status[i], reasons[i] = "error", model.error_reason
+            errors[i] = f"{model.error_reason}: {model.error}"
+    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, table.schema.field(name), pa.array(values, pa.string()))
+    return table
+
+
+def run_identity(
+    config: ScoreJobConfig, listing: Listing, models: dict[str, LineModel]
+) -> tuple[str, str]:
+    """(run_id, run_key). The key names the run's files: same content -> same names, so a rerun
+    finds its committed shards; a different listing, model or output option -> new names."""
+    content = {
+        "run_date": config.run_date,
+        "input": listing.fingerprint,
+        "models": {line: m.version for line, m in sorted(models.items())},
+        "masks": config.masks,
+        "heatmaps": config.heatmaps,
+        "max_pixels": config.max_pixels,
+        "max_bytes": config.max_bytes,
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    run_id = config.run_id or f"{config.run_date}-{digest[:12]}"
+    return run_id, hashlib.sha256(f"{run_id}\0{digest}".encode()).hexdigest()[:16]
+
+
+def shard_slices(table: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
+    """{(line, shard): (offset, length)}: shards are contiguous in the sorted listing."""
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    lines = table.column("product_line").to_pylist()
+    shards = table.column("shard").to_pylist()
+    for i, key in enumerate(zip(lines, shards, strict=True)):
+        start, length = out.get(key, (i, 0))
+        out[key] = (start, length + 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Execution (Ray Data)
+# --------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Collects scored rows per shard (Ray returns them in any order) and commits each shard as
+    soon as all its rows have arrived; only shards in flight are buffered."""
+
+    def __init__(
+        self,
+        config: ScoreJobConfig,
+        run_key: str,
+        expected: dict[tuple[str, int], int],
+        options: StorageOptions,
+    ) -> None:
+        self.config = config
+        self.run_key = run_key
+        self.expected = expected
+        self.options = options
+        self.buffers: dict[tuple[str, int], list[pa.Table]] = {}
+        self.received: dict[tuple[str, int], int] = {}
+        self.markers: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def add(self, batch: pa.Table) -> None:
+        keys = list(
+            zip(
+                batch.column("product_line").to_pylist(),
+                batch.column("shard").to_pylist(),
+                strict=True,
+            )
+        )
+        positions: dict[tuple[str, int], list[int]] = {}
+        for i, key in enumerate(keys):
+            positions.setdefault(key, []).append(i)
+        for key, rows in positions.items():
+            if key not in self.expected or key in self.markers:
+                raise ShardCountError(f"unexpected rows for shard {key}")
+            self.buffers.setdefault(key, []).append(batch.take(rows))
+            self.received[key] = self.received.get(key, 0) + len(rows)
+            if self.received[key] > self.expected[key]:
+                raise ShardCountError(f"shard {key}: more rows than the listing holds")
+            if self.received[key] == self.expected[key]:
+                self._commit(key)
+
+    def _commit(self, key: tuple[str, int]) -> None:
+        table = pa.concat_tables(self.buffers.pop(key))
+        line, shard = key
+        self.markers[key] = outputs.write_shard(
+            self.config.output_uri,
+            self.config.run_date,
+            self.run_key,
+            line,
+            shard,
+            table,
+            self.options,
+        )
+        limit = self.config.stop_after_shards
+        if limit is not None and len(self.markers) >= limit:
+            raise RunInterrupted(f"stopped after {len(self.markers)} committed shards")
+
+    def check_complete(self) -> None:
+        missing = {k: self.received.get(k, 0) for k in self.expected if k not in self.markers}
+        if missing:
+            raise ShardCountError(f"rows missing from shards (key: rows received): {missing}")
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to Ray unless already connected; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
+    return True
+
+
+def _execute(
+    config: ScoreJobConfig,
+    table: pa.Table,
+    pending: dict[tuple[str, int], tuple[int, int]],
+    models: dict[str, LineModel],
+    run_id: str,
+    run_key: str,
+    options: StorageOptions,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Score the pending shards through Ray Data; returns the markers of the shards committed."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started = _ensure_ray(config.address)
+    try:
+        context = DataContext.get_current()
+        context.enable_progress_bars = not config.quiet
+        if config.quiet:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Blocks of a few batches (not whole shards), so a small run still spreads its decoding
+        # over several tasks; rows carry their shard id, so blocks need not align with shards.
+        step = BLOCK_BATCHES * config.batch_size
+        blocks = [
+            table.slice(start, min(step, offset + length - start))
+            for offset, length in pending.values()
+            for start in range(offset, offset + length, step)
+        ]
+        usable = {line: m for line, m in models.items() if m.error_reason is None}
+        read = ReadConfig(options, config.read_threads, config.max_bytes)
+        decode = DecodeConfig({line: m.image_size for line, m in usable.items()}, config.max_pixels)
+        scoring = ScoringConfig(
+            models_uri=config.models_uri,
+            models={line: m.version for line, m in usable.items()},
+            cache_dir=config.cache_dir,
+            options=options,
+            output_uri=config.output_uri,
+            run_date=config.run_date,
+            run_id=run_id,
+            masks=config.masks,
+            heatmaps=config.heatmaps,
+            torch_threads=config.torch_threads,
+            write_threads=8,
+        )
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            read_batch,
+            fn_kwargs={"config": read},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=config.decode_cpus,
+        )
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"config": decode},
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=config.decode_cpus,
+        )
+        ds = ds.map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"config": scoring},
+            compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+        )
+        writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+        writer.check_complete()
+        return writer.markers
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+def _canonical(config: ScoreJobConfig, options: StorageOptions) -> ScoreJobConfig:
+    """Absolute URIs, so Ray workers with another working directory agree with the driver."""
+    return replace(
+        config,
+        models_uri=canonical_uri(config.models_uri, options),
+        input_uri=canonical_uri(config.input_uri, options),
+        output_uri=canonical_uri(config.output_uri, options),
+        cache_dir=os.path.abspath(os.path.expanduser(config.cache_dir)),
+        storage=options,
+    )
+
+
+def _record(
+    config: ScoreJobConfig,
+    listing: Listing,
+    models: dict[str, LineModel],
+    run_id: str,
+    run_key: str,
+    markers: dict[tuple[str, int], dict[str, Any]],
+    counts: dict[str, Any],
+    timings: dict[str, float],
+    started_at: dt.datetime,
+) -> dict[str, Any]:
+    files: dict[str, list[str]] = {}
+    for (line, _), marker in sorted(markers.items()):
+        files.setdefault(line, []).append(marker["file"])
+    settings = asdict(config)
+    settings.pop("storage")
+    return {
+        "run_id": run_id,
+        "run_key": run_key,
+        "run_date": config.run_date,
+        "started_at": started_at.isoformat(),
+        "committed_at": dt.datetime.now(dt.UTC).isoformat(),
+        "input": {
+            "uri": config.input_uri,
+            "source": listing.source,
+            "fingerprint": listing.fingerprint,
+            "rows": listing.table.num_rows,
+        },
+        "models_uri": config.models_uri,
+        "models": {line: m.version for line, m in sorted(models.items())},
+        "model_errors": {
+            line: m.error for line, m in sorted(models.items()) if m.error_reason is not None
+        },
+        "counts": counts,
+        "timings": timings,
+        "files": files,
+        "config": settings,
+    }
+
+
+def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
+    """Score every image of the input with its line's LATEST model; idempotent and resumable.
+
+    Raises RunInterrupted when ``stop_after_shards`` stops the run, ListingError for an unusable
+    listing, and ShardCountError if rows went missing (then nothing is committed).
+    """
+    t0 = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC)
+    options = config.storage or StorageOptions.from_env()
+    config = _canonical(config, options)
+    listing = listing_mod.load_listing(
+        config.input_uri, config.products, config.shard_size, options
+    )
+    t_listing = time.perf_counter()
+    models = {line: resolve_model(config, line, options) for line in listing.product_lines}
+    table = apply_model_errors(listing.table, models)
+    run_id, run_key = run_identity(config, listing, models)
+    t_models = time.perf_counter()
+    output, date = config.output_uri, config.run_date
+
+    def summary(counts, processed, skipped, record_uri, timings, already=False) -> ScoreSummary:
+        return ScoreSummary(
+            run_id=run_id,
+            run_key=run_key,
+            run_date=date,
+            record_uri=record_uri,
+            scores_uri=f"{output.rstrip('/')}/scores/run_date={date}",
+            masks_uri=f"{output.rstrip('/')}/masks/run_date={date}",
+            counts=counts,
+            models={line: m.version for line, m in models.items()},
+            processed=processed,
+            skipped=skipped,
+            seconds=timings.get("scoring_s", 0.0),
+            already_committed=already,
+            max_error_fraction=config.max_error_fraction,
+            timings=timings,
+        )
+
+    existing = outputs.read_run_record(output, run_id, options)
+    if existing is not None and existing.get("run_key") == run_key:
+        return summary(
+            existing["counts"],
+            0,
+            existing["counts"]["rows"],
+            outputs.run_record_uri(output, run_id),
+            {"total_s": time.perf_counter() - t0},
+            True,
+        )
+
+    slices = shard_slices(table)
+    done = {
+        k: v
+        for k, v in outputs.committed_shards(output, date, run_key, options).items()
+        if k in slices
+    }
+    pending = {k: v for k, v in slices.items() if k not in done}
+    new = _execute(config, table, pending, models, run_id, run_key, options) if pending else {}
+    t_scoring = time.perf_counter()
+    markers = {**done, **new}
+    counts = outputs.add_counts({}, {})
+    for marker in markers.values():
+        counts = outputs.add_counts(counts, marker["counts"])
+    if counts["rows"] != table.num_rows:
+        raise ShardCountError(f"committed {counts['rows']} rows for {table.num_rows} inputs")
+    timings = {
+        "listing_s": round(t_listing - t0, 3),
+        "models_s": round(t_models - t_listing, 3),
+        "scoring_s": round(t_scoring - t_models, 3),
+    }
+    record = _record(config, listing, models, run_id, run_key, markers, counts, timings, started_at)
+    record_uri = outputs.write_run_record(output, record, options)
+    lines = sorted({line for line, _ in slices})
+    outputs.remove_superseded(output, date, run_key, lines, options)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    skipped = sum(m["counts"]["rows"] for m in done.values())
+    return summary(counts, table.num_rows - skipped, skipped, record_uri, timings)
