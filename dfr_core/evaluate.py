@@ -10,7 +10,7 @@ import torch
 
 from dfr_core import metrics
 from dfr_core.calibrate import Calibration, compute_maps
-from dfr_core.model import DFRModel
+from dfr_core.model import AnomalyOutput, DFRModel
 
 
 class EvalResult(NamedTuple):
@@ -31,18 +31,14 @@ def _safe(fn, *args) -> float | None:
         return None
 
 
-def evaluate(
-    model: DFRModel,
-    images: np.ndarray,
+def evaluate_outputs(
+    out: AnomalyOutput,
     masks: np.ndarray,
     labels: np.ndarray,
     calibration: Calibration | None = None,
-    device: torch.device | None = None,
+    ms_per_image: float = float("nan"),
 ) -> EvalResult:
-    """images (N, S, S, 3) uint8, masks (N, S, S) in {0,1}, labels (N,) 1 = defective."""
-    t0 = time.perf_counter()
-    out = compute_maps(model, images, device)
-    ms = 1000.0 * (time.perf_counter() - t0) / max(len(images), 1)
+    """Metrics of maps/scores already computed (so subsets need no second forward pass)."""
     maps = out.anomaly_map.numpy()
     masks = np.asarray(masks).astype(bool)
     f1 = iou = None
@@ -55,7 +51,22 @@ def evaluate(
         pro=_safe(metrics.aupro, masks, maps),
         f1=f1,
         iou=iou,
-        n_images=len(images),
+        n_images=len(maps),
         n_anomalous=int(np.asarray(labels).sum()),
-        ms_per_image=ms,
+        ms_per_image=ms_per_image,
     )
+
+
+def evaluate(
+    model: DFRModel,
+    images: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    calibration: Calibration | None = None,
+    device: torch.device | None = None,
+) -> EvalResult:
+    """images (N, S, S, 3) uint8, masks (N, S, S) in {0,1}, labels (N,) 1 = defective."""
+    t0 = time.perf_counter()
+    out = compute_maps(model, images, device)
+    ms = 1000.0 * (time.perf_counter() - t0) / max(len(images), 1)
+    return evaluate_outputs(out, masks, labels, calibration, ms)

@@ -243,6 +243,8 @@ def demo(workdir: str) -> None:
         _echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     click.echo(format_results(result.train))
+    if result.score is not None:
+        click.echo(result.score.format())
     click.echo(result.describe())
     if result.train.failed:
         sys.exit(EXIT_FAILED)
@@ -254,4 +256,9 @@ def _register_commands(*commands: click.Command) -> None:
         main.add_command(command)
 
 
-_register_commands()
+# Imported here, after `main` exists: these modules define plain click commands and do not
+# import this one, so there is no cycle.
+from pipeline.report_cli import report  # noqa: E402
+from pipeline.score_cli import nightly, score  # noqa: E402
+
+_register_commands(score, nightly, report)

@@ -1,17 +1,19 @@
-"""`dfr-pipeline demo`: the whole training path on generated data, on any machine, offline.
+"""`dfr-pipeline demo`: the whole product on generated data, on any machine, offline.
 
 Generates a small synthetic archive (pipeline.synthetic), writes a manifest for it, trains one
-model per product line with a local Ray exactly as `dfr-pipeline train` does, and evaluates
-each on its labelled test set. Sized to finish in a few minutes on two CPU cores: 128 px images
-and 20 epochs (the library defaults, 256 px and 60 epochs, are for real data).
+model per product line with a local Ray exactly as `dfr-pipeline train` does (evaluating each on
+its labelled test set), scores the test images plus one deliberately corrupt file with the Ray
+Data job exactly as `dfr-pipeline score` does, and writes the HTML QA report. Sized to finish in
+a few minutes on two CPU cores: 128 px images and 20 epochs (the library defaults, 256 px and
+60 epochs, are for real data).
 
-run_demo is a sequence of steps, each a function of the config and the previous results, so
-further stages (scoring the archive, a report) slot in after training.
+run_demo is a sequence of steps, each a function of the config and the previous results.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +21,9 @@ from typing import NamedTuple
 from dfr_core.backbones import WeightsNotFoundError, default_weights_path, list_backbones
 from dfr_core.config import ModelConfig
 from pipeline.progress import Echo
+from pipeline.report import ReportConfig, write_report
+from pipeline.score_job import ScoreJobConfig, ScoreSummary, run_score_job
+from pipeline.storage import IMAGE_SUFFIXES
 from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.train_job import TrainJobConfig, TrainJobResult, run_train_job
 
@@ -50,6 +55,9 @@ class DemoResult(NamedTuple):
     models_uri: str
     backbone: str
     train: TrainJobResult
+    listing: Path | None = None
+    score: ScoreSummary | None = None
+    report: Path | None = None
 
     def describe(self) -> str:
         """Where everything is, and what to run next."""
@@ -61,6 +69,9 @@ class DemoResult(NamedTuple):
                 f"manifest:  {self.manifest}",
                 f"models:    {self.models_uri}  (<line>/<version>/, <line>/LATEST)",
                 f"backbone:  {self.backbone}",
+                f"listing:   {self.listing}",
+                f"scores:    {self.score.scores_uri if self.score else '-'}",
+                f"report:    {self.report}  (open it in a browser)",
                 f"next:      dfr-pipeline models list --models-uri {self.models_uri}",
             ]
         )
@@ -107,8 +118,63 @@ def write_manifest(lines: dict[str, Path], manifest: Path) -> Path:
     return manifest
 
 
+def write_listing(lines: dict[str, Path], workdir: Path) -> Path:
+    """Step 3: a scoring listing of every test image, plus one corrupt upload.
+
+    The corrupt file shows what the nightly job does with bad input: one error row, no crash.
+    """
+    broken = workdir / "incoming" / "truncated_upload.png"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    listing = workdir / "listing.csv"
+    with open(listing, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_uri", "product_line"])
+        for name, line_dir in lines.items():
+            for image in sorted((line_dir / "test").rglob("*")):
+                if image.suffix.lower() in IMAGE_SUFFIXES:
+                    writer.writerow([image.as_posix(), name])
+        writer.writerow([broken.as_posix(), next(iter(lines))])
+    return listing
+
+
+def score_and_report(
+    config: DemoConfig, workdir: Path, listing: Path, models_uri: str, echo: Echo
+) -> tuple[ScoreSummary, Path]:
+    """Steps 4-5: the Ray Data scoring job over the listing, then the static HTML report."""
+    run_date = dt.datetime.now(dt.UTC).date().isoformat()
+    outputs_uri = str(workdir / "outputs")
+    echo(f"scoring {listing} with Ray Data into {outputs_uri}")
+    summary = run_score_job(
+        ScoreJobConfig(
+            models_uri=models_uri,
+            input_uri=str(listing),
+            output_uri=outputs_uri,
+            run_date=run_date,
+            masks="anomalous",
+            heatmaps=True,
+            cpus_per_actor=config.cpus_per_task,
+            decode_cpus=0.5,
+            batch_size=16,
+            cache_dir=str(workdir / "cache"),
+            quiet=True,
+        )
+    )
+    echo("writing the QA report")
+    report = write_report(
+        ReportConfig(
+            scores_uri=outputs_uri,
+            out_dir=str(workdir / "report"),
+            run_date=run_date,
+            models_uri=models_uri,
+            title="dfr-pipeline demo",
+        )
+    )
+    return summary, report
+
+
 def run_demo(config: DemoConfig, echo: Echo | None = None) -> DemoResult:
-    """Generate data, write a manifest, train and evaluate on local Ray; returns the paths."""
+    """Generate data, train, evaluate, score and report on local Ray; returns the paths."""
     echo = echo or (lambda text: None)
     workdir = Path(config.workdir).expanduser().resolve()
     data_dir = workdir / "data"
@@ -133,4 +199,10 @@ def run_demo(config: DemoConfig, echo: Echo | None = None) -> DemoResult:
         ),
         echo=echo,
     )
-    return DemoResult(workdir, data_dir, manifest, models_uri, backbone, train)
+    if train.failed:
+        return DemoResult(workdir, data_dir, manifest, models_uri, backbone, train)
+    listing = write_listing(lines, workdir)
+    summary, report = score_and_report(config, workdir, listing, models_uri, echo)
+    return DemoResult(
+        workdir, data_dir, manifest, models_uri, backbone, train, listing, summary, report
+    )

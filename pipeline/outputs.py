@@ -85,6 +85,9 @@ SCORE_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_reason", pa.string()),
         pa.field("error", pa.string()),
+        # Ray node whose scoring actor handled the row; null for rows that were already errors
+        # before scoring (unreadable, undecodable, no model): shows how work spread over nodes.
+        pa.field("node_id", pa.string()),
     ]
 )
 PARTITION_SCHEMA = pa.schema(
@@ -248,6 +251,11 @@ def write_shard(
     crash between the two leaves an uncommitted shard that the next attempt rewrites in place.
     Rows are sorted by image id so the file's content does not depend on Ray's arrival order.
     """
+    for field in SCORE_SCHEMA:
+        # A nullable column a producer does not know about yet (e.g. node_id) is written null,
+        # so adding such a column never breaks a writer of the older column set.
+        if field.nullable and field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA).sort_by("image_id")
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")

@@ -491,7 +491,14 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     t_models = time.perf_counter()
     output, date = config.output_uri, config.run_date
 
-    def summary(counts, processed, skipped, record_uri, timings, already=False) -> ScoreSummary:
+    def summary(
+        counts: dict[str, Any],
+        processed: int,
+        skipped: int,
+        record_uri: str,
+        timings: dict[str, float],
+        already: bool = False,
+    ) -> ScoreSummary:
         return ScoreSummary(
             run_id=run_id,
             run_key=run_key,
