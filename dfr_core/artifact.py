@@ -171,15 +171,23 @@ def calibration_of(meta: dict[str, Any]) -> Calibration | None:
 def load_model(
     directory: str | os.PathLike,
     weights_path: str | os.PathLike | None = None,
-    allow_random_init: bool = False,
     extractor: FeatureExtractor | None = None,
 ) -> LoadedModel:
-    """Rebuild exactly what save_model wrote; pass `extractor` to share an already-built one."""
+    """Rebuild exactly what save_model wrote; pass `extractor` to share an already-built one.
+
+    A model trained on a random-init backbone (no weights sha256) cannot be rebuilt: a new
+    random backbone would give different features, so that is refused unless the very
+    extractor it was trained with is passed in.
+    """
     meta = read_metadata(directory)
     config = model_config_of(meta)
     if extractor is None:
-        random_ok = allow_random_init or meta["backbone"].get("weights_sha256") is None
-        extractor = build_extractor(config, weights_path, allow_random_init=random_ok)
+        if meta["backbone"].get("weights_sha256") is None:
+            raise ArtifactError(
+                f"{directory}: trained on a random-init backbone, which cannot be rebuilt; "
+                "pass the extractor it was trained with"
+            )
+        extractor = build_extractor(config, weights_path)
     check_extractor(extractor, meta)
     model = DFRModel(extractor, load_head(directory, meta)).eval()
     return LoadedModel(model, calibration_of(meta), meta)

@@ -24,13 +24,11 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from dfr_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
-
-# ImageNet statistics the callers normalise with (torchvision convention, RGB in [0, 1]).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -117,13 +117,11 @@ class DFRModel(nn.Module):
         return AnomalyOutput(torch.cat(maps), torch.cat(scores))
 
     @classmethod
-    def from_artifact(
-        cls, path: str, weights_path: str | None = None, allow_random_init: bool = False
-    ) -> DFRModel:
+    def from_artifact(cls, path: str, weights_path: str | None = None) -> DFRModel:
         """Rebuild a saved model exactly (see dfr_core.artifact.load_model)."""
         from dfr_core.artifact import load_model  # local import: artifact imports this module
 
-        return load_model(path, weights_path, allow_random_init).model
+        return load_model(path, weights_path).model
 
 
 def build_extractor(

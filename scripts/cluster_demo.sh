@@ -26,7 +26,12 @@ cleanup() {
   for ((i = ${#PGIDS[@]} - 1; i >= 0; i--)); do  # workers first, then the head, then moto
     kill -TERM -- "-${PGIDS[i]}" 2>/dev/null || true
   done
-  sleep 3
+  for _ in $(seq 40); do  # up to 20 s for a clean exit, then SIGKILL what is left
+    local alive=0
+    for pgid in "${PGIDS[@]}"; do kill -0 -- "-$pgid" 2>/dev/null && alive=1 || true; done
+    ((alive)) || break
+    sleep 0.5
+  done
   for pgid in "${PGIDS[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
   for cmdline in /proc/[0-9]*/cmdline; do  # leftovers: only processes naming our temp dir
     if grep -qsF -- "$TEMP" "$cmdline"; then

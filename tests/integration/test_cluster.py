@@ -206,6 +206,7 @@ def test_worker_killed_mid_scoring_then_one_row_per_image(world: World, s3_serve
             proc.kill()
             proc.communicate()
 
+    print(f"first run: exit {proc.returncode}\n{stderr[-2000:]}")  # shown by pytest -rP
     if proc.returncode != 0:
         assert "error" in stderr.lower(), stderr[-3000:]  # a message, not a silent failure
         rerun = _run(world.cluster, args)

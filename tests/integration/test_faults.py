@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from s3_fault_proxy import FaultPlan, fault_proxy
 
 from dfr_core.artifact import save_model
 from dfr_core.calibrate import calibrate
@@ -42,7 +43,6 @@ from pipeline.score_job import ScoreJobConfig, ScoreSummary, run_score_job
 from pipeline.storage import StorageOptions
 from pipeline.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
 from pipeline.train_job import ERROR, OK, TrainJobConfig, run_train_job
-from s3_fault_proxy import FaultPlan, fault_proxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -240,7 +240,8 @@ def test_driver_killed_then_rerun_resumes(world: World, tmp_path: Path) -> None:
     with fault_proxy(world.upstream, plan) as proxy:
         env = {**os.environ, "DFR_S3_ENDPOINT_URL": proxy.endpoint_url, "RAY_ADDRESS": ""}
         command = [
-            *(sys.executable, "-m", "pipeline.cli", "score"),
+            str(Path(sys.executable).with_name("dfr-pipeline")),
+            "score",
             *("--models-uri", world.models_uri, "--input", world.archive, "--output", output),
             *("--run-date", DATE, "--shard-size", "4", "--batch-size", "4", "--quiet"),
             *("--cpus-per-actor", "0.5", "--decode-cpus", "0.5"),
@@ -297,7 +298,9 @@ def test_s3_transient_errors_retried_permanent_errors_become_rows(world: World) 
         denied_keys=frozenset({denied.removeprefix("s3://")}),
     )
     with fault_proxy(world.upstream, plan) as proxy:
-        config = _config(world, output, input_uri=listing, storage=StorageOptions(proxy.endpoint_url))
+        config = _config(
+            world, output, input_uri=listing, storage=StorageOptions(proxy.endpoint_url)
+        )
         summary = run_score_job(config)
         stats = proxy.stats
 
@@ -322,13 +325,13 @@ def test_s3_transient_errors_retried_permanent_errors_become_rows(world: World) 
 
 
 @pytest.mark.slow
-def test_training_faults_fail_alone(
-    ray_session: Any, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_training_faults_fail_alone(ray_session: Any, s3_bucket: str, tmp_path: Path) -> None:
     """Three lines in one job: "fine" trains; "corrupt" (every image garbage) fails with the
     data message; "victim" (many epochs, so it is surely still training) has its Ray worker
     killed and fails with the crash named. Neither failure leaves a version in the registry."""
-    spec = SyntheticSpec(product_lines=(LINE,), n_train=8, n_test_good=1, n_test_defect=1, size=SIZE)
+    spec = SyntheticSpec(
+        product_lines=(LINE,), n_train=8, n_test_good=1, n_test_defect=1, size=SIZE
+    )
     write_mvtec_dataset(tmp_path / "data", spec)
     good = tmp_path / "data" / LINE / "train" / "good"
     for path in sorted(good.glob("*.png")):

@@ -93,32 +93,53 @@ def hostile_corpus() -> list[Hostile]:
     png = _encode(Image.fromarray(_gradient(96, 96)), "PNG")
     jpeg = _encode(Image.fromarray(_gradient(96, 96)), "JPEG", quality=90)
     cmyk = _encode(Image.fromarray(_gradient(48, 56)).convert("CMYK"), "JPEG", quality=90)
-    palette = _encode(Image.fromarray(_gradient(50, 70)).convert("P", palette=Image.ADAPTIVE), "PNG")
+    palette = _encode(
+        Image.fromarray(_gradient(50, 70)).convert("P", palette=Image.ADAPTIVE), "PNG"
+    )
     rgba = np.dstack([_gradient(60, 44), np.full((60, 44), 128, np.uint8)])
     sixteen = (np.arange(52 * 66, dtype=np.uint32).reshape(52, 66) * 17 % 65536).astype(np.uint16)
     return [
         Hostile("zero_bytes.png", "zero bytes", b"", "empty_file"),
         Hostile("truncated.png", "truncated PNG", png[: len(png) // 2], "truncated"),
         Hostile("truncated.jpg", "truncated JPEG", jpeg[: len(jpeg) // 2], "truncated"),
-        Hostile("text.png", "text file named .png", b"hello, I am not a picture\n" * 4,
-                "not_an_image"),  # fmt: skip
+        Hostile(
+            "text.png", "text file named .png", b"hello, I am not a picture\n" * 4, "not_an_image"
+        ),
         Hostile("bomb.png", "PNG bomb (100000x100000 declared)", png_bomb(), "too_large"),
-        Hostile("sixteen_bit.png", "16-bit PNG",
-                _encode(Image.fromarray(sixteen), "PNG"), None, (52, 66)),  # fmt: skip
+        Hostile(
+            "sixteen_bit.png",
+            "16-bit PNG",
+            _encode(Image.fromarray(sixteen), "PNG"),
+            None,
+            (52, 66),
+        ),
         Hostile("cmyk.jpg", "CMYK JPEG", cmyk, None, (48, 56)),
         Hostile("palette.png", "palette PNG", palette, None, (50, 70)),
-        Hostile("rgba.png", "RGBA PNG", _encode(Image.fromarray(rgba, "RGBA"), "PNG"), None,
-                (60, 44)),  # fmt: skip
+        Hostile(
+            "rgba.png", "RGBA PNG", _encode(Image.fromarray(rgba, "RGBA"), "PNG"), None, (60, 44)
+        ),
         Hostile("exif_rotated.jpg", "EXIF-rotated JPEG", _exif_rotated_jpeg(), None, (64, 40)),
-        Hostile("one_pixel.png", "1x1 PNG",
-                _encode(Image.fromarray(np.full((1, 1, 3), 200, np.uint8)), "PNG"), None,
-                (1, 1)),  # fmt: skip
-        Hostile("one_pixel.jpg", "1x1 JPEG",
-                _encode(Image.fromarray(np.full((1, 1, 3), 90, np.uint8)), "JPEG"), None,
-                (1, 1)),  # fmt: skip
-        Hostile("huge.png", "far larger than the model input (2000x1500)",
-                _encode(Image.fromarray(_gradient(1500, 2000)), "PNG", compress_level=1), None,
-                (1500, 2000)),  # fmt: skip
+        Hostile(
+            "one_pixel.png",
+            "1x1 PNG",
+            _encode(Image.fromarray(np.full((1, 1, 3), 200, np.uint8)), "PNG"),
+            None,
+            (1, 1),
+        ),
+        Hostile(
+            "one_pixel.jpg",
+            "1x1 JPEG",
+            _encode(Image.fromarray(np.full((1, 1, 3), 90, np.uint8)), "JPEG"),
+            None,
+            (1, 1),
+        ),
+        Hostile(
+            "huge.png",
+            "far larger than the model input (2000x1500)",
+            _encode(Image.fromarray(_gradient(1500, 2000)), "PNG", compress_level=1),
+            None,
+            (1500, 2000),
+        ),
         Hostile("jpeg_named.png", "JPEG content named .png", jpeg, None, (96, 96)),
         Hostile("png_named.jpg", "PNG content named .jpg", png, None, (96, 96)),
     ]
@@ -192,3 +213,111 @@ def test_modes_are_normalised_for_the_model(corpus: list[Hostile]) -> None:
     assert decode_image(by_name["rgba.png"].data).shape == (60, 44, 4)
     rotated = decode_image(by_name["exif_rotated.jpg"].data)
     assert rotated.shape == (64, 40, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad manifests and job configs: every problem names where it is (line and column / field).
+
+MANIFEST_CASES: dict[str, tuple[str, list[str]]] = {
+    "missing value": (
+        "product_line,train_uri\nfoo,\n",
+        ["line 2, column 'train_uri': required value is missing"],
+    ),
+    "not an integer": (
+        "product_line,train_uri,image_size\nfoo,/d,abc\n",
+        ["line 2, column 'image_size': 'abc' is not an integer"],
+    ),
+    "bad image size": (
+        "product_line,train_uri,image_size\nfoo,/d,-5\n",
+        ["line 2, column 'image_size': image_size must be a multiple of 32 and >= 32, got -5"],
+    ),
+    "bad epochs": (
+        "product_line,train_uri,epochs\nfoo,/d,0\n",
+        ["line 2, column 'epochs': epochs must be >= 1, got 0"],
+    ),
+    "unknown backbone": (
+        "product_line,train_uri,backbone\nfoo,/d,resnet9000\n",
+        [
+            "line 2, column 'backbone': unknown backbone 'resnet9000'; known: vgg19, mobilenet_v2, "
+            "efficientnet_lite0"
+        ],
+    ),  # fmt: skip
+    "unknown column": (
+        "product_line,train_uri,colour\nfoo,/d,red\n",
+        [
+            "line 1, column 'colour': unknown column; allowed: product_line, train_uri, val_uri, "
+            "test_uri, image_size, epochs, backbone"
+        ],
+    ),  # fmt: skip
+    "missing column": (
+        "product_line\nfoo\n",
+        ["line 1, column 'train_uri': required column is missing"],
+    ),
+    "too many fields": (
+        "product_line,train_uri\nfoo,/d,extra\n",
+        ["line 2: 3 fields but the header has 2"],
+    ),
+    "unsupported scheme": (
+        "product_line,train_uri\nfoo,ftp://x/y\n",
+        [
+            "line 2, column 'train_uri': unsupported URI scheme 'ftp' in 'ftp://x/y' "
+            "(use s3://, file:// or a path)"
+        ],
+    ),  # fmt: skip
+    "relative path in a remote manifest": (
+        "product_line,train_uri\nfoo,x/y\n",
+        [
+            "line 2, column 'train_uri': relative path 'x/y' in a remote manifest: use an "
+            "absolute URI"
+        ],
+    ),  # fmt: skip
+    "problems on several lines": (
+        "product_line,train_uri,epochs\nok,/d,1\n../up,/d,2\nok,/d,x\n",
+        [
+            "line 3, column 'product_line': unsafe product_line '../up': only letters, digits, "
+            "'.', '_' and '-' allowed",
+            "line 4, column 'epochs': 'x' is not an integer",
+            "line 4, column 'product_line': duplicate product line 'ok' (first on line 2)",
+        ],
+    ),  # fmt: skip
+    "empty file": ("", ["the file is empty"]),
+    "header only": (
+        "product_line,train_uri\n",
+        ["no product lines: the manifest has only a header"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
+def test_malformed_manifest_names_line_and_column(case: str) -> None:
+    from pipeline.manifest import ManifestError, parse_manifest
+
+    text, expected = MANIFEST_CASES[case]
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, "s3://bucket/manifest.csv", None)
+    assert [str(p) for p in info.value.problems] == expected
+    assert "nothing was trained" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batch_size", 0, "batch_size must be >= 1, got 0"),
+        ("shard_size", -1, "shard_size must be >= 1, got -1"),
+        ("run_date", "2024-13-01", "month must be in 1..12"),
+        ("run_date", "yesterday", "run_date must be YYYY-MM-DD, got 'yesterday'"),
+        ("masks", "some", "masks must be one of ('anomalous', 'all', 'none'), got 'some'"),
+        ("max_error_fraction", 1.5, "max_error_fraction must be in [0, 1], got 1.5"),
+        ("run_id", "../x", "unsafe run id '../x'"),
+    ],
+)
+def test_malformed_score_config_names_the_field(field: str, value: object, message: str) -> None:
+    from pipeline.score_job import ScoreJobConfig
+
+    settings: dict[str, object] = dict(
+        models_uri="m", input_uri="i", output_uri="o", run_date="2024-01-01"
+    )
+    settings[field] = value
+    with pytest.raises(ValueError) as info:
+        ScoreJobConfig(**settings)  # type: ignore[arg-type]
+    assert message in str(info.value)

@@ -77,7 +77,7 @@ def test_predict_accepts_any_size_and_grayscale(trained):
 def test_artifact_round_trip_gives_identical_maps(trained, tmp_path):
     result, cal = trained
     save_model(result.model, tmp_path, cal, training=result.summary, extra={"product": "x"})
-    loaded = load_model(tmp_path, allow_random_init=True, extractor=result.model.extractor)
+    loaded = load_model(tmp_path, extractor=result.model.extractor)
     assert loaded.calibration == cal
     assert loaded.metadata["extra"] == {"product": "x"}
     images = _images(3, 9)
@@ -139,6 +139,13 @@ def test_pickle_payload_is_never_executed(trained, tmp_path):
     with pytest.raises(ArtifactError, match="not a plain tensor state dict"):
         load_model(tmp_path, extractor=result.model.extractor)
     assert not marker.exists()
+
+
+def test_random_init_model_cannot_be_rebuilt_without_its_extractor(trained, tmp_path):
+    result, _ = trained
+    save_model(result.model, tmp_path)
+    with pytest.raises(ArtifactError, match="random-init backbone"):
+        load_model(tmp_path)
 
 
 def test_wrong_backbone_weights_are_refused(trained, tmp_path):
