@@ -70,3 +70,32 @@ def evaluate(
     out = compute_maps(model, images, device)
     ms = 1000.0 * (time.perf_counter() - t0) / max(len(images), 1)
     return evaluate_outputs(out, masks, labels, calibration, ms)
+
+
+def _thin(x: np.ndarray, y: np.ndarray, max_points: int) -> dict[str, list[float]]:
+    """At most max_points evenly spaced points of a curve, both ends kept (for model.json)."""
+    idx = np.unique(np.linspace(0, len(x) - 1, min(max_points, len(x))).round().astype(int))
+    return {"x": [float(v) for v in x[idx]], "y": [float(v) for v in y[idx]]}
+
+
+def evaluation_curves(
+    out: AnomalyOutput, masks: np.ndarray, labels: np.ndarray, max_points: int = 200
+) -> dict[str, dict[str, list[float]]]:
+    """Image ROC and PRO curves, thinned for storage beside the model and for the QA report.
+
+    A curve that is undefined for this test set (one class only, no defect region) is omitted.
+    """
+    curves: dict[str, dict[str, list[float]]] = {}
+    try:
+        fpr, tpr, _ = metrics.roc_curve(labels, out.score.numpy())
+        roc = _thin(fpr, tpr, max_points)
+        curves["roc"] = {"fpr": roc["x"], "tpr": roc["y"]}
+    except ValueError:
+        pass
+    try:
+        pro = metrics.pro_curve(np.asarray(masks).astype(bool), out.anomaly_map.numpy())
+        thin = _thin(pro.fpr, pro.pro, max_points)
+        curves["pro"] = {"fpr": thin["x"], "pro": thin["y"]}
+    except ValueError:
+        pass
+    return curves

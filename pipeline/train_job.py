@@ -30,10 +30,10 @@ import torch
 
 from dfr_core.artifact import ArtifactError, save_model
 from dfr_core.backbones import FeatureBackbone, WeightsNotFoundError, build_backbone, list_backbones
-from dfr_core.calibrate import Calibration, calibrate
+from dfr_core.calibrate import Calibration, calibrate, compute_maps
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
 from dfr_core.device import pick_device
-from dfr_core.evaluate import evaluate
+from dfr_core.evaluate import evaluate_outputs, evaluation_curves
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRModel
 from dfr_core.train import fit, holdout_split
@@ -196,9 +196,13 @@ def _evaluate(
     test = load_labelled_set(task.row.test_uri, task.model.image_size, task.storage)
     if not len(test.images):
         raise LineDataError(f"no readable images in test_uri {task.row.test_uri}")
-    result = evaluate(model, test.images, test.masks, test.labels, calibration, device)
+    t0 = time.perf_counter()
+    out = compute_maps(model, test.images, device)
+    ms = 1000.0 * (time.perf_counter() - t0) / len(test.images)
+    result = evaluate_outputs(out, test.masks, test.labels, calibration, ms)
     metrics = result._asdict()
     metrics["skipped_images"] = len(test.failures)
+    metrics["curves"] = evaluation_curves(out, test.masks, test.labels)
     return metrics
 
 

@@ -188,3 +188,23 @@ def test_configs_validate():
     with pytest.raises(ValueError):
         CalibrationConfig(pixel_fpr=0)
     assert isinstance(Calibration(1.0, 2.0, 0.1, 0.1, 3), Calibration)
+
+
+def test_evaluation_curves_are_thinned_and_span_the_range():
+    from dfr_core.evaluate import evaluation_curves
+    from dfr_core.model import AnomalyOutput
+
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.random((6, 16, 16)).astype(np.float32))
+    masks = np.zeros((6, 16, 16), dtype=bool)
+    masks[3:, 4:8, 4:8] = True
+    maps[3:, 4:8, 4:8] += 0.5
+    out = AnomalyOutput(maps, maps.flatten(1).amax(dim=1))
+    curves = evaluation_curves(out, masks, np.array([0, 0, 0, 1, 1, 1]), max_points=20)
+    roc, pro = curves["roc"], curves["pro"]
+    assert (
+        len(roc["fpr"]) == len(roc["tpr"]) <= 20 and roc["fpr"][0] == 0.0 and roc["fpr"][-1] == 1.0
+    )
+    assert len(pro["fpr"]) == len(pro["pro"]) <= 20 and abs(pro["fpr"][-1] - 0.3) < 1e-9
+    only_normal = evaluation_curves(out, np.zeros_like(masks), np.zeros(6))
+    assert only_normal == {}
