@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from dfr_core.backbones import WeightsNotFoundError, list_backbones
+from pipeline.cli_options import split_names, storage_options
 from pipeline.demo import DemoConfig, run_demo
 from pipeline.manifest import ManifestError
 from pipeline.progress import render_table
 from pipeline.registry import describe
-from pipeline.storage import StorageOptions
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
 
 EXIT_FAILED = 1  # ran, but at least one product line failed
@@ -23,19 +23,6 @@ RESULT_HEADERS = (
     "product", "status", "images", "latent d", "img thr", "px thr",
     "img AUROC", "px AUROC", "PRO", "wall s", "version",
 )  # fmt: skip
-
-
-def _storage_options(s3_endpoint_url: str | None) -> StorageOptions:
-    """--s3-endpoint-url wins; otherwise the environment (DFR_S3_ENDPOINT_URL, AWS_*)."""
-    env = StorageOptions.from_env()
-    if s3_endpoint_url:
-        return StorageOptions(s3_endpoint_url=s3_endpoint_url, anon=env.anon)
-    return env
-
-
-def _split_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    """--only a --only b and --only a,b both work."""
-    return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
 
 
 def format_results(result: TrainJobResult) -> str:
@@ -176,10 +163,10 @@ def train(
             address=address,
             gpus_per_task=gpus_per_task,
             cpus_per_task=cpus_per_task,
-            only=_split_names(only),
+            only=split_names(only),
             retries=retries,
             min_train_images=min_images,
-            storage=_storage_options(s3_endpoint_url),
+            storage=storage_options(s3_endpoint_url),
         )
         result = run_train_job(config, echo=_echo_err)
     except (ManifestError, ValueError, FileNotFoundError, ConnectionError) as exc:
@@ -217,7 +204,7 @@ def _model_row(d: dict[str, Any]) -> tuple:
 def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
     """Product lines, versions, dates, thresholds and metrics in a registry."""
     try:
-        rows = describe(models_uri, _storage_options(s3_endpoint_url))
+        rows = describe(models_uri, storage_options(s3_endpoint_url))
     except (ValueError, PermissionError) as exc:
         _echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)

@@ -10,23 +10,10 @@ import sys
 
 import click
 
+from pipeline.cli_options import split_names, storage_options
 from pipeline.report import ReportConfig, ReportError, write_report
-from pipeline.storage import StorageOptions
 
 EXIT_BAD_INPUT = 2
-
-
-def _storage_options(s3_endpoint_url: str | None) -> StorageOptions:
-    """--s3-endpoint-url wins; otherwise the environment (DFR_S3_ENDPOINT_URL, AWS_*)."""
-    env = StorageOptions.from_env()
-    if s3_endpoint_url:
-        return StorageOptions(s3_endpoint_url=s3_endpoint_url, anon=env.anon)
-    return env
-
-
-def _split_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    """--products a --products b and --products a,b both work."""
-    return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
 
 
 @click.command("report")
@@ -97,11 +84,11 @@ def report(
             run_date=run_date,
             date_from=date_from,
             date_to=date_to,
-            products=_split_names(products),
+            products=split_names(products),
             models_uri=models_uri,
             top_n=top_n,
             max_error_rows=max_error_rows,
-            storage=_storage_options(s3_endpoint_url),
+            storage=storage_options(s3_endpoint_url),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
