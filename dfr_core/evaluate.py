@@ -22,6 +22,9 @@ class EvalResult(NamedTuple):
     n_images: int
     n_anomalous: int
     ms_per_image: float
+    tpr_at_1pct_fpr: float | None = None  # best image TPR with image FPR <= 1% (hindsight)
+    realised_image_fpr: float | None = None  # at the calibrated image threshold
+    realised_image_recall: float | None = None
 
 
 def _safe(fn, *args) -> float | None:
@@ -29,6 +32,10 @@ def _safe(fn, *args) -> float | None:
         return float(fn(*args))
     except ValueError:
         return None
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else float(x)
 
 
 def evaluate_outputs(
@@ -41,12 +48,16 @@ def evaluate_outputs(
     """Metrics of maps/scores already computed (so subsets need no second forward pass)."""
     maps = out.anomaly_map.numpy()
     masks = np.asarray(masks).astype(bool)
+    scores = out.score.numpy()
     f1 = iou = None
     if calibration is not None and masks.any():
         tm = metrics.threshold_metrics(masks, maps, calibration.pixel_threshold)
         f1, iou = tm.f1, tm.iou
+    op = None
+    if calibration is not None and len(scores):
+        op = metrics.image_operating_point(labels, scores, calibration.image_threshold)
     return EvalResult(
-        image_auroc=_safe(metrics.image_auroc, labels, out.score.numpy()),
+        image_auroc=_safe(metrics.image_auroc, labels, scores),
         pixel_auroc=_safe(metrics.pixel_auroc, masks, maps),
         pro=_safe(metrics.aupro, masks, maps),
         f1=f1,
@@ -54,6 +65,9 @@ def evaluate_outputs(
         n_images=len(maps),
         n_anomalous=int(np.asarray(labels).sum()),
         ms_per_image=ms_per_image,
+        tpr_at_1pct_fpr=_safe(metrics.tpr_at_fpr, labels, scores, 0.01),
+        realised_image_fpr=_nan_to_none(op.fpr) if op else None,
+        realised_image_recall=_nan_to_none(op.recall) if op else None,
     )
 
 

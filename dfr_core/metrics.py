@@ -21,8 +21,10 @@ import numpy as np
 
 __all__ = [
     "ProCurve",
+    "ImageOperatingPoint",
     "ThresholdMetrics",
     "aupro",
+    "image_operating_point",
     "image_auroc",
     "label_components",
     "pixel_auroc",
@@ -30,6 +32,7 @@ __all__ = [
     "roc_auc",
     "roc_curve",
     "threshold_metrics",
+    "tpr_at_fpr",
 ]
 
 
@@ -53,6 +56,22 @@ class ThresholdMetrics(NamedTuple):
     precision: float
     recall: float
     fpr: float
+
+
+class ImageOperatingPoint(NamedTuple):
+    """What an image threshold gives on a labelled set: ``score > threshold`` is flagged.
+
+    ``fpr`` is the share of normal images flagged, ``recall`` the share of defective ones;
+    NaN where the set has no image of that class.
+    """
+
+    threshold: float
+    fpr: float
+    recall: float
+    n_flagged_normal: int
+    n_normal: int
+    n_flagged_defective: int
+    n_defective: int
 
 
 # --------------------------------------------------------------------------- input handling
@@ -178,6 +197,48 @@ def image_auroc(labels: Any, image_scores: Any) -> float:
     if y.ndim != 1 or s.ndim != 1:
         raise ValueError(f"expected 1-D labels and scores, got shapes {y.shape} and {s.shape}")
     return roc_auc(y, s)
+
+
+def tpr_at_fpr(labels: Any, image_scores: Any, max_fpr: float = 0.01) -> float:
+    """Largest true-positive rate of any threshold whose false-positive rate is <= ``max_fpr``.
+
+    The QA lead's number: the share of defective images caught while at most ``max_fpr`` of
+    the good ones are flagged, chosen with hindsight on this set (an upper bound on what a
+    calibrated threshold gives; :func:`image_operating_point` gives the latter). Raises
+    ValueError when only one class is present.
+    """
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in [0, 1], got {max_fpr}")
+    y, s = _to_numpy(labels), _to_numpy(image_scores)
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"expected 1-D labels and scores, got shapes {y.shape} and {s.shape}")
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+
+def image_operating_point(labels: Any, image_scores: Any, threshold: float) -> ImageOperatingPoint:
+    """Realised image FPR and recall of ``score > threshold`` (e.g. the calibrated threshold)."""
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    y, s = _to_numpy(labels), _to_numpy(image_scores)
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"expected 1-D labels and scores, got shapes {y.shape} and {s.shape}")
+    _same_shape(y, s, "labels", "scores")
+    y, s = _binary(y, "labels"), _scores(s, "scores")
+    flagged = s > _exact_threshold(threshold, s.dtype)
+    n_def = int(np.count_nonzero(y))
+    n_norm = int(y.size - n_def)
+    fl_def = int(np.count_nonzero(flagged & y))
+    fl_norm = int(np.count_nonzero(flagged & ~y))
+    return ImageOperatingPoint(
+        threshold=float(threshold),
+        fpr=_ratio(fl_norm, n_norm),
+        recall=_ratio(fl_def, n_def),
+        n_flagged_normal=fl_norm,
+        n_normal=n_norm,
+        n_flagged_defective=fl_def,
+        n_defective=n_def,
+    )
 
 
 def pixel_auroc(masks: Any, maps: Any) -> float:

@@ -326,3 +326,26 @@ def test_full_scale_smoke():
     value = metrics.aupro(masks, maps)
     assert math.isfinite(value) and 0.0 <= value <= 1.0
     assert 0.5 < metrics.pixel_auroc(masks, maps) <= 1.0
+
+
+def test_tpr_at_fpr_and_operating_point():
+    labels = np.array([0] * 100 + [1] * 10)
+    scores = np.concatenate([np.arange(100, dtype=float), np.array([99.5] * 5 + [50.0] * 5)])
+    # one normal (score 99) may be flagged at 1% FPR: threshold 98 flags 99 and the five 99.5s
+    assert metrics.tpr_at_fpr(labels, scores, 0.01) == 0.5
+    assert metrics.tpr_at_fpr(labels, scores, 0.0) == 0.5
+    assert metrics.tpr_at_fpr(labels, scores, 1.0) == 1.0
+    op = metrics.image_operating_point(labels, scores, 98.0)
+    assert (op.n_flagged_normal, op.n_normal, op.n_flagged_defective, op.n_defective) == (
+        1,
+        100,
+        5,
+        10,
+    )
+    assert op.fpr == 0.01 and op.recall == 0.5
+    # strictly greater: a score equal to the threshold is not flagged
+    assert metrics.image_operating_point(labels, scores, 99.5).n_flagged_defective == 0
+    with pytest.raises(ValueError):
+        metrics.tpr_at_fpr(np.zeros(5), np.arange(5.0))
+    only_normal = metrics.image_operating_point(np.zeros(3), np.arange(3.0), 0.5)
+    assert op.fpr == 0.01 and np.isnan(only_normal.recall)
