@@ -356,12 +356,15 @@ class ScoringActor:
         )[0, 0]
         threshold = scored.model.calibration.pixel_threshold
         opts = self.config.options
+        # Temp files go to the run's staging prefix, which the committing run deletes, so an
+        # actor killed mid-write leaves nothing beside the masks.
+        staging = outputs.staging_uri(self.config.output_uri, self.config.run_date)
         storage.write_bytes_atomic(
-            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts
+            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts, staging
         )
         if heat_uri is not None:
             png = outputs.encode_heatmap_png(full.cpu().numpy(), threshold)
-            storage.write_bytes_atomic(heat_uri, png, opts)
+            storage.write_bytes_atomic(heat_uri, png, opts, staging)
 
     def _score_batch(self, batch: pa.Table) -> tuple[dict[int, Scored], dict[int, RowError]]:
         """Score the batch's ok rows, grouped by extractor; rows of a broken model fail."""

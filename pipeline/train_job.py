@@ -43,6 +43,7 @@ from pipeline.imageio import DecodeError
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
 from pipeline.mvtec_remote import LabelledSetError, load_labelled_set
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -389,18 +390,9 @@ def build_tasks(
 
 def _ensure_ray(config: TrainJobConfig) -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
-        # without --address the job is self-contained; --address auto joins that cluster.
-        address=config.address or "local",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
-    return True
+    # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
+    # without --address the job is self-contained; --address auto joins that cluster.
+    return init_ray(config.address or "local", log_to_driver=True)
 
 
 def _check_resources(config: TrainJobConfig, local: bool, echo: Echo) -> None:
