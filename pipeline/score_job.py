@@ -23,7 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
 from pipeline import listing as listing_mod
@@ -227,18 +229,21 @@ def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) ->
 
 
 def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Table:
-    """Rows of lines without a usable model become error rows (their bytes are never read)."""
-    status = table.column("status").to_pylist()
-    reasons = table.column("error_reason").to_pylist()
-    errors = table.column("error").to_pylist()
-    for i, line in enumerate(table.column("product_line").to_pylist()):
-        model = models.get(line)
-        if status[i] == "ok" and model is not None and model.error_reason is not None:
-            status[i], reasons[i] = "error", model.error_reason
-            errors[i] = f"{model.error_reason}: {model.error}"
+    """Rows of lines without a usable model become error rows (their bytes are never read).
+
+    Vectorised per broken line (a handful), so it costs no Python object per row.
+    """
+    status, reasons, errors = (table.column(n) for n in ("status", "error_reason", "error"))
+    for line, model in sorted(models.items()):
+        if model.error_reason is None:
+            continue
+        hit = pc.and_(pc.equal(table.column("product_line"), line), pc.equal(status, "ok"))
+        status = pc.if_else(hit, pa.scalar("error"), status)
+        reasons = pc.if_else(hit, pa.scalar(model.error_reason), reasons)
+        errors = pc.if_else(hit, pa.scalar(f"{model.error_reason}: {model.error}"), errors)
     for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
         index = table.schema.get_field_index(name)
-        table = table.set_column(index, table.schema.field(name), pa.array(values, pa.string()))
+        table = table.set_column(index, table.schema.field(name), values)
     return table
 
 
@@ -263,13 +268,21 @@ def run_identity(
 
 def shard_slices(table: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
     """{(line, shard): (offset, length)}: shards are contiguous in the sorted listing."""
-    out: dict[tuple[str, int], tuple[int, int]] = {}
-    lines = table.column("product_line").to_pylist()
-    shards = table.column("shard").to_pylist()
-    for i, key in enumerate(zip(lines, shards, strict=True)):
-        start, length = out.get(key, (i, 0))
-        out[key] = (start, length + 1)
-    return out
+    n = table.num_rows
+    if n == 0:
+        return {}
+    encoded = pc.dictionary_encode(table.column("product_line")).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    shards = table.column("shard").to_numpy()
+    starts = np.flatnonzero(
+        np.concatenate([[True], (codes[1:] != codes[:-1]) | (shards[1:] != shards[:-1])])
+    )
+    lengths = np.diff(np.append(starts, n))
+    names = encoded.dictionary.to_pylist()
+    return {
+        (names[codes[i]], int(shards[i])): (int(i), int(length))
+        for i, length in zip(starts, lengths, strict=True)
+    }
 
 
 # --------------------------------------------------------------------------------------------
