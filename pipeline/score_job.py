@@ -391,6 +391,9 @@ def _execute(
         context.enable_progress_bars = not config.quiet
         if config.quiet:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
+            # about exactly that is noise the user cannot act on.
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         # Blocks of a few batches (not whole shards), so a small run still spreads its decoding
         # over several tasks; rows carry their shard id, so blocks need not align with shards.
         step = BLOCK_BATCHES * config.batch_size

@@ -190,6 +190,8 @@ def _overlapping(world: World, output: str, env: dict[str, str]) -> list[tuple[i
 def _check_overlap(results: list[tuple[int, str]]) -> None:
     codes = sorted(rc for rc, _ in results)
     texts = "\n---\n".join(out for _, out in results)
+    for noise in ("core_worker.cc", "constructor arguments", "Progress bars disabled", "Token"):
+        assert noise not in texts  # a successful run prints nothing the user cannot act on
     assert codes in ([0, EXIT_LEASE_HELD], [0, 0]), texts
     if codes == [0, EXIT_LEASE_HELD]:
         loser = next(out for rc, out in results if rc == EXIT_LEASE_HELD)
