@@ -34,7 +34,7 @@ from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.listing import Listing
 from pipeline.ray_runtime import init_ray
-from pipeline.run_lease import RunLease
+from pipeline.run_lease import LeaseHeld, RunLease
 from pipeline.score_stages import (
     DecodeConfig,
     ReadConfig,
@@ -582,6 +582,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
 
     done_before = already_committed()
     if done_before is not None:
+        _tidy_committed(config, run_id, options)
         return done_before
     # One run per (output, date) at a time: LeaseHeld for the second of two overlapping runs.
     lease = RunLease(output, date, run_id, options)
@@ -621,6 +622,30 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
     return summary(counts, table.num_rows - skipped, skipped, record_uri, timings)
+
+
+def _tidy_committed(config: ScoreJobConfig, run_id: str, options: StorageOptions) -> None:
+    """Finish the clean-up of a committed run whose process was killed after its run record.
+
+    Staging (temp files), its lease and superseded files would otherwise stay until the next
+    run of the date with other content. Done only when the date's lease is free: a run in
+    flight owns the staging prefix.
+    """
+    lease = RunLease(config.output_uri, config.run_date, run_id, options)
+    try:
+        lease.acquire()
+    except LeaseHeld:
+        return
+    try:
+        record = outputs.read_run_record(config.output_uri, run_id, options) or {}
+        if record.get("run_key"):
+            lines = sorted(record.get("files", {}))
+            outputs.remove_superseded(
+                config.output_uri, config.run_date, record["run_key"], lines, options
+            )
+        outputs.clear_staging(config.output_uri, config.run_date, options)
+    finally:
+        lease.release()
 
 
 def _score_pending(
