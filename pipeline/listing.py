@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline import listing_arrow as la
 from pipeline import storage
 from pipeline.image_sets import canonical_uri
 from pipeline.storage import StorageOptions
@@ -208,107 +209,6 @@ def _list_prefix(
     )
 
 
-def _checked(value: str | None, what: str) -> str | None:
-    """None when ``value`` is a safe path component, else the reason it is not."""
-    try:
-        storage.safe_component(value if value is not None else "", what)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-#: Rows per chunk wherever a step needs Python objects (hashing ids, messages): the driver's
-#: memory for those steps is bounded by a chunk, not by the listing.
-_CHUNK_ROWS = 65_536
-_SAFE_RE = r"^[A-Za-z0-9._-]{1,200}$"
-
-
-def _safe_mask(values: pa.Array) -> pa.Array:
-    """Vectorised :func:`pipeline.storage.safe_component`: True where ``values`` is safe."""
-    ok = pc.match_substring_regex(values, _SAFE_RE)
-    ok = pc.and_(ok, pc.invert(pc.is_in(values, pa.array([".", ".."]))))
-    return pc.fill_null(ok, False)
-
-
-def _derived_ids(uris: pa.Array) -> pa.Array:
-    """:func:`derive_image_id` of every URI, a chunk of Python strings at a time."""
-    parts = []
-    for start in range(0, len(uris), _CHUNK_ROWS):
-        chunk = uris.slice(start, _CHUNK_ROWS).to_pylist()
-        parts.append(pa.array([derive_image_id(u) for u in chunk], pa.string()))
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-
-
-def _fingerprint(table: pa.Table, shard_size: int) -> str:
-    """sha256 of the sorted (line, id, uri, captured_at) rows, streamed in chunks."""
-    digest = hashlib.sha256()
-    captured = pc.fill_null(pc.cast(table.column("captured_at"), pa.string()), "")
-    for start in range(0, table.num_rows, _CHUNK_ROWS):
-        columns = [
-            table.column(name).slice(start, _CHUNK_ROWS).combine_chunks()
-            for name in ("product_line", "image_id", "image_uri")
-        ]
-        joined = pc.binary_join_element_wise(
-            *columns, captured.slice(start, _CHUNK_ROWS).combine_chunks(), "", "\0"
-        )
-        if isinstance(joined, pa.ChunkedArray):
-            joined = joined.combine_chunks()
-        _, offsets, data = joined.buffers()
-        bounds = np.frombuffer(offsets, dtype=np.int32)[joined.offset : joined.offset + 1]
-        end = np.frombuffer(offsets, dtype=np.int32)[joined.offset + len(joined)]
-        if data is not None:
-            digest.update(memoryview(data)[int(bounds[0]) : int(end)])
-    digest.update(f"shard_size={shard_size}".encode())
-    return digest.hexdigest()
-
-
-def _row_problems(
-    uri: pa.Array, line: pa.Array, given: pa.Array
-) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """(product line to use, error_reason, message) per row; problems only where found.
-
-    Priority as documented in docs/scoring.md: a bad product line, else an empty URI, else an
-    unsafe given id. Messages come from safe_component itself, for the few problem rows only.
-    """
-    n = len(uri)
-    bad_line = pc.invert(_safe_mask(line))
-    bad_uri = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(uri, "")), "")
-    has_id = pc.fill_null(pc.not_equal(given, ""), False)
-    bad_id = pc.and_(has_id, pc.invert(_safe_mask(given)))
-    any_bad = pc.or_(pc.or_(bad_line, bad_uri), bad_id)
-    rows = pc.indices_nonzero(any_bad).to_pylist()
-    reasons = {}
-    messages = {}
-    lines_py = line.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
-    ids_py = given.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
-    bad_line_py = bad_line.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
-    bad_uri_py = bad_uri.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
-    for k, i in enumerate(rows):
-        if bad_line_py[k]:
-            reasons[i] = "bad_product_line"
-            messages[i] = _checked(lines_py[k], "product line")
-        elif bad_uri_py[k]:
-            reasons[i], messages[i] = "bad_uri", "empty image_uri"
-        else:
-            reasons[i] = "bad_image_id"
-            messages[i] = _checked(ids_py[k], "image id")
-    reason_arr = _sparse_strings(n, reasons)
-    message_arr = _sparse_strings(n, messages)
-    fixed_line = pc.if_else(bad_line, pa.scalar(INVALID_LINE), line)
-    return fixed_line, reason_arr, message_arr
-
-
-def _sparse_strings(n: int, values: dict[int, str | None]) -> pa.Array:
-    """A string array of ``n`` nulls with ``values`` at their indices."""
-    if not values:
-        return pa.nulls(n, pa.string())
-    mask = np.zeros(n, dtype=bool)
-    index = np.fromiter(values.keys(), dtype=np.int64, count=len(values))
-    mask[index] = True
-    ordered = [values[i] for i in sorted(values)]
-    return pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(mask), pa.array(ordered))
-
-
 def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
     """Raw rows -> the deterministic listing: ids derived/validated, sorted, deduplicated, sharded.
 
@@ -323,10 +223,10 @@ def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
     uri = pc.fill_null(raw.column("image_uri").combine_chunks(), "")
     line = raw.column("product_line").combine_chunks()
     given = raw.column("image_id").combine_chunks()
-    line, reason, message = _row_problems(uri, line, given)
+    line, reason, message = la.row_problems(uri, line, given, INVALID_LINE)
     missing_id = pc.fill_null(pc.equal(given, ""), True)
     if pc.any(missing_id).as_py():
-        derived = _derived_ids(uri.filter(missing_id))
+        derived = la.derived_ids(uri.filter(missing_id), derive_image_id)
         image_id = pc.replace_with_mask(given, missing_id, derived)
     else:
         image_id = given
@@ -401,7 +301,7 @@ def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
         },
         schema=LISTING_SCHEMA,
     )
-    return Listing(table=resolved, fingerprint=_fingerprint(resolved, shard_size), source=source)
+    return Listing(table=resolved, fingerprint=la.fingerprint(resolved, shard_size), source=source)
 
 
 def load_listing(

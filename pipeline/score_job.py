@@ -34,7 +34,8 @@ from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.listing import Listing
 from pipeline.ray_runtime import init_ray
-from pipeline.run_lease import LeaseHeld, RunLease
+from pipeline.run_lease import RunLease
+from pipeline.score_resume import score_pending, tidy_committed
 from pipeline.score_stages import (
     DecodeConfig,
     ReadConfig,
@@ -51,9 +52,6 @@ DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
 #: Input block size in batches: small enough to spread decoding, large enough to keep the
 #: number of objects the driver puts into the object store modest.
 BLOCK_BATCHES = 4
-#: Dataset executions per run: a scoring actor that dies (node lost, OOM kill) fails one
-#: execution; the next one resumes from the shards committed so far.
-MAX_EXECUTIONS = 4
 
 
 class RunInterrupted(RuntimeError):
@@ -357,21 +355,6 @@ def _ensure_ray(address: str | None) -> bool:
     return init_ray(address)
 
 
-def _is_actor_death(exc: BaseException) -> bool:
-    """True when ``exc`` (or what it wraps) says a Ray actor process died."""
-    from ray.exceptions import RayActorError
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RayActorError):
-            return True
-        current = current.__cause__ or current.__context__
-    text = f"{type(exc).__name__}: {exc}"
-    return "ActorDiedError" in text or "RayActorError" in text
-
-
 def _execute(
     config: ScoreJobConfig,
     table: pa.Table,
@@ -582,7 +565,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
 
     done_before = already_committed()
     if done_before is not None:
-        _tidy_committed(config, run_id, options)
+        tidy_committed(output, date, run_id, options)
         return done_before
     # One run per (output, date) at a time: LeaseHeld for the second of two overlapping runs.
     lease = RunLease(output, date, run_id, options)
@@ -594,7 +577,11 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         # Temp files of killed writers of this date (we hold the lease: nobody else writes).
         outputs.clear_staging(output, date, options)
         slices = shard_slices(table)
-        done, new = _score_pending(config, table, slices, models, run_id, run_key, options)
+
+        def execute(pending: dict[tuple[str, int], tuple[int, int]]) -> dict:
+            return _execute(config, table, pending, models, run_id, run_key, options)
+
+        done, new = score_pending(output, date, slices, run_key, options, execute)
         t_scoring = time.perf_counter()
         markers = {**done, **new}
         counts = outputs.add_counts({}, {})
@@ -622,70 +609,3 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
     return summary(counts, table.num_rows - skipped, skipped, record_uri, timings)
-
-
-def _tidy_committed(config: ScoreJobConfig, run_id: str, options: StorageOptions) -> None:
-    """Finish the clean-up of a committed run whose process was killed after its run record.
-
-    Staging (temp files), its lease and superseded files would otherwise stay until the next
-    run of the date with other content. Done only when the date's lease is free: a run in
-    flight owns the staging prefix.
-    """
-    lease = RunLease(config.output_uri, config.run_date, run_id, options)
-    try:
-        lease.acquire()
-    except LeaseHeld:
-        return
-    try:
-        record = outputs.read_run_record(config.output_uri, run_id, options) or {}
-        if record.get("run_key"):
-            lines = sorted(record.get("files", {}))
-            outputs.remove_superseded(
-                config.output_uri, config.run_date, record["run_key"], lines, options
-            )
-        outputs.clear_staging(config.output_uri, config.run_date, options)
-    finally:
-        lease.release()
-
-
-def _score_pending(
-    config: ScoreJobConfig,
-    table: pa.Table,
-    slices: dict[tuple[str, int], tuple[int, int]],
-    models: dict[str, LineModel],
-    run_id: str,
-    run_key: str,
-    options: StorageOptions,
-) -> tuple[dict[tuple[str, int], dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
-    """(markers committed before this invocation, markers this invocation committed).
-
-    A scoring actor that dies fails the Ray Data execution; the shards committed so far stay
-    committed and the next execution scores only the rest (MAX_EXECUTIONS in all).
-    """
-
-    def committed() -> dict[tuple[str, int], dict[str, Any]]:
-        found = outputs.committed_shards(config.output_uri, config.run_date, run_key, options)
-        return {k: v for k, v in found.items() if k in slices}
-
-    done = committed()
-    markers = dict(done)
-    for attempt in range(1, MAX_EXECUTIONS + 1):
-        pending = {k: v for k, v in slices.items() if k not in markers}
-        if not pending:
-            break
-        try:
-            markers.update(_execute(config, table, pending, models, run_id, run_key, options))
-        except Exception as exc:
-            if attempt == MAX_EXECUTIONS or not _is_actor_death(exc):
-                raise
-            markers = committed()
-            logger.warning(
-                "a scoring actor died (%s); resuming the %d uncommitted shards (execution %d "
-                "of at most %d)",
-                storage.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
-                len(slices) - len(markers),
-                attempt + 1,
-                MAX_EXECUTIONS,
-            )
-    new = {k: v for k, v in markers.items() if k not in done}
-    return done, new
