@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -416,21 +417,25 @@ def _execute(
             batch_size=config.batch_size,
             num_cpus=config.decode_cpus,
         )
-        ds = ds.map_batches(
-            ScoringActor,
-            fn_constructor_kwargs={"config": scoring},
-            compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor,
-            # Ray Data passes its own object-store refs to every actor constructor, and with
-            # restarts on Ray logs an error-level "constructor arguments in the object store and
-            # max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead actor
-            # is handled here instead: the execution fails and the run resumes from its
-            # committed shards (see _score_pending), which is what a restart would do anyway.
-            max_restarts=0,
-        )
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
+            # without a replacement for it); the deprecation line would print on every run.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(
+                ScoringActor,
+                fn_constructor_kwargs={"config": scoring},
+                compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+                batch_format="pyarrow",
+                batch_size=config.batch_size,
+                num_cpus=config.cpus_per_actor,
+                num_gpus=config.gpus_per_actor,
+                # Ray Data passes its own object-store refs to every actor constructor; with
+                # restarts on, Ray logs an error-level "constructor arguments in the object store
+                # and max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead
+                # actor fails the execution instead and the run resumes from its committed
+                # shards (pipeline.score_resume), which is what a restart would do anyway.
+                max_restarts=0,
+            )
         writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
