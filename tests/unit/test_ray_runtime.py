@@ -1,38 +1,44 @@
-"""Ray start-up states Ray's token-auth default for clusters we start (no warning), and leaves an
-explicit RAY_AUTH_MODE and clusters we join alone. ray.init is replaced: no Ray starts here."""
+"""Ray start-up drops only Ray's notice that it enabled its default token authentication; the
+auth mode itself is left to Ray (no Ray starts here: ray.init is replaced)."""
 
 from __future__ import annotations
 
+import logging
 import os
-
-import pytest
 
 from pipeline import ray_runtime
 
 
-@pytest.fixture
-def fake_init(monkeypatch):
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_only_the_auto_enabled_notice_is_dropped(monkeypatch):
     import ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return calls
-
-
-def test_local_cluster_gets_token_mode_stated(fake_init, monkeypatch):
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    before = os.environ.get("RAY_AUTH_MODE")
     assert ray_runtime.init_ray("local")
-    assert fake_init[0]["address"] == "local" and fake_init[0]["include_dashboard"] is False
-    assert os.environ["RAY_AUTH_MODE"] == "token"
-
-
-def test_explicit_mode_and_joined_clusters_are_left_alone(fake_init, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert calls[0]["address"] == "local" and calls[0]["include_dashboard"] is False
+    assert os.environ.get("RAY_AUTH_MODE") == before  # the mode is Ray's decision
+    logger = logging.getLogger(ray_runtime.AUTH_LOGGER)
+    collect = _Collect()
+    logger.addHandler(collect)
+    try:
+        logger.warning(
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled"
+        )
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
+    finally:
+        logger.removeHandler(collect)
+    messages = collect.messages
+    assert len(messages) == 1 and "disabled for this Ray cluster" in messages[0]
     ray_runtime.init_ray("local")
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    assert not ray_runtime.starts_local_cluster("10.0.0.1:6379")
-    ray_runtime.init_ray("10.0.0.1:6379")
-    assert "RAY_AUTH_MODE" not in os.environ
+    assert logger.filters.count(ray_runtime._NOTICE_FILTER) == 1
