@@ -14,7 +14,8 @@ from dfr_core.backbones import FeatureBackbone, build_backbone
 from dfr_core.cae import CAE
 from dfr_core.config import ModelConfig
 from dfr_core.features import FeatureExtractor
-from dfr_core.preprocess import normalize_batch, resize_image
+from dfr_core.precision import PrecisionSpec
+from dfr_core.preprocess import resize_image
 
 
 class AnomalyOutput(NamedTuple):
@@ -79,7 +80,10 @@ class DFRHead(nn.Module):
         return (self.cae(z) - z).pow(2).mean(dim=1)
 
     def forward(self, feats: torch.Tensor) -> AnomalyOutput:
-        grid = self.error_grid(feats)
+        return self.from_error_grid(self.error_grid(feats))
+
+    def from_error_grid(self, grid: torch.Tensor) -> AnomalyOutput:
+        """The score definition on a (B, G, G) error grid (shared with dfr_core.fastpath)."""
         size = self.config.image_size
         full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
         amap = gaussian_blur(full[:, 0], self.config.smoothing_sigma)
@@ -89,10 +93,14 @@ class DFRHead(nn.Module):
 class DFRModel(nn.Module):
     """Extractor (frozen, shareable) + head (per product line)."""
 
-    def __init__(self, extractor: FeatureExtractor, head: DFRHead) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, head: DFRHead, precision: PrecisionSpec | None = None
+    ) -> None:
         super().__init__()
         self.extractor = extractor
         self.head = head
+        #: the precision eval forwards run at: its calibration's (dfr_core.precision)
+        self.precision = precision or PrecisionSpec()
 
     @property
     def config(self) -> ModelConfig:
@@ -104,14 +112,16 @@ class DFRModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 16) -> AnomalyOutput:
-        """Decoded images of any size -> maps at image_size and scores, in eval mode."""
+        """Decoded images of any size -> maps at image_size and scores, in eval mode, through
+        the same batched forward (and precision) as calibration and the scoring job."""
+        from dfr_core.inference import forward_batch  # local import: inference imports this
+
         self.eval()
-        device = next(self.head.parameters()).device
         maps, scores = [], []
         size = self.config.image_size
         for i in range(0, len(images), batch_size):
             batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
-            out = self(normalize_batch(torch.from_numpy(batch).to(device)))
+            out = forward_batch(self, batch)
             maps.append(out.anomaly_map.cpu())
             scores.append(out.score.cpu())
         return AnomalyOutput(torch.cat(maps), torch.cat(scores))
