@@ -9,7 +9,7 @@ import torch
 
 from dfr_core.config import CalibrationConfig
 from dfr_core.device import inference_mode
-from dfr_core.model import AnomalyOutput, DFRModel
+from dfr_core.model import AnomalyOutput, DFRModel, concat_outputs
 from dfr_core.preprocess import normalize_batch
 
 
@@ -23,6 +23,9 @@ class Calibration:
     image_fpr: float
     n_images: int
     method: str = "quantile of anomaly-map values / image scores on held-out normal images"
+    #: threshold of the raw max-of-map score at image_fpr (None in format-1 models, whose image
+    #: score was the max of the map: there image_threshold is that threshold)
+    max_threshold: float | None = None
 
 
 @torch.no_grad()
@@ -32,15 +35,13 @@ def compute_maps(
     """Anomaly maps and scores of (N, S, S, 3) uint8 images, returned on the CPU."""
     device = device or torch.device("cpu")
     model.to(device).eval()
-    maps, scores = [], []
+    outs = []
     for i in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
         with inference_mode(device):
             feats = model.extractor(normalize_batch(batch))
-        out = model.head(feats.float())
-        maps.append(out.anomaly_map.float().cpu())
-        scores.append(out.score.float().cpu())
-    return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+        outs.append(model.head(feats.float()))
+    return concat_outputs(outs)
 
 
 def upper_quantile(values: np.ndarray, fpr: float) -> float:
@@ -60,6 +61,11 @@ def calibrate_outputs(out: AnomalyOutput, config: CalibrationConfig) -> Calibrat
         pixel_fpr=config.pixel_fpr,
         image_fpr=config.image_fpr,
         n_images=int(out.score.numel()),
+        max_threshold=(
+            None
+            if out.max_score is None
+            else upper_quantile(out.max_score.numpy(), config.image_fpr)
+        ),
     )
 
 
