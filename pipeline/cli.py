@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from dfr_core.backbones import WeightsNotFoundError, list_backbones
-from pipeline.cli_options import split_names, storage_options
+from pipeline.cli_options import model_option_flags, split_names, storage_options
 from pipeline.demo import DemoConfig, run_demo
 from pipeline.manifest import ManifestError
 from pipeline.progress import render_table
@@ -136,6 +136,7 @@ def main() -> None:
     metavar="URL",
     help="S3-compatible endpoint (MinIO, Ceph); default from AWS_ENDPOINT_URL.",
 )
+@model_option_flags
 def train(
     manifest_uri: str,
     models_uri: str,
@@ -150,6 +151,7 @@ def train(
     retries: int,
     min_images: int,
     s3_endpoint_url: str | None,
+    **model_options: Any,
 ) -> None:
     """Train one model per product line of a manifest and publish them to the registry."""
     try:
@@ -167,6 +169,7 @@ def train(
             retries=retries,
             min_train_images=min_images,
             storage=storage_options(s3_endpoint_url),
+            model_options={k: v for k, v in model_options.items() if v is not None},
         )
         result = run_train_job(config, echo=_echo_err)
     except (ManifestError, ValueError, FileNotFoundError, ConnectionError) as exc:

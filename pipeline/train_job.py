@@ -36,11 +36,12 @@ from dfr_core.device import pick_device
 from dfr_core.evaluate import evaluate_outputs, evaluation_curves
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRModel
-from dfr_core.train import fit, holdout_split
+from dfr_core.train import fit, holdout_splits
 from pipeline import registry, storage
 from pipeline.image_sets import LoadedImages, load_images, resolve_images
 from pipeline.imageio import DecodeError
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
+from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.mvtec_remote import LabelledSetError, load_labelled_set
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
 from pipeline.ray_runtime import init_ray
@@ -78,6 +79,8 @@ class TrainJobConfig:
     cache_dir: str | None = None  # local folder for downloaded weights (default: temp dir)
     storage: StorageOptions | None = None  # None: StorageOptions.from_env()
     progress_interval_s: float = 2.0  # fewest seconds between epoch lines of one product
+    #: job-wide model options (pipeline.model_options names -> typed values); rows override
+    model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "only", tuple(self.only))
@@ -100,6 +103,10 @@ class TrainJobConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
         if self.retry_delay_s < 0:
             raise ValueError(f"retry_delay_s must be >= 0, got {self.retry_delay_s}")
+        unknown = sorted(set(self.model_options) - set(OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}; known: {', '.join(OPTION_NAMES)}")
+        build_configs({}, self.model_options, {}, {}, self.calibration)  # raises on bad values
 
 
 @dataclass(frozen=True)
@@ -174,21 +181,43 @@ def _check_loaded(
         )
 
 
-def _read_split(task: LineTask, reporter: TaskReporter) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(train images, held-out images, train image count, skipped count)."""
-    row, size, opts = task.row, task.model.image_size, task.storage
+class LineImages(NamedTuple):
+    """A line's normal images by use: training, early stopping, calibration (never shared)."""
+
+    train: np.ndarray
+    early_stopping: np.ndarray
+    calibration: np.ndarray
+    holdout: dict[str, list[str]]  # which image URIs served early stopping / calibration
+    skipped: int
+
+
+def _read_split(task: LineTask, reporter: TaskReporter) -> LineImages:
+    """Training, early-stopping and calibration images: three disjoint sets.
+
+    Without val_uri the held-out slices come from train_uri (TrainConfig.val_fraction and
+    calib_fraction); with val_uri, val_uri is the calibration set and early stopping uses a
+    val_fraction slice of train_uri.
+    """
+    row, size, opts, cfg = task.row, task.model.image_size, task.storage, task.train
     reporter.stage("reading images")
     loaded = load_images(resolve_images(row.train_uri, opts), size, opts)
     _check_loaded(loaded, "train_uri", row.train_uri, task.min_train_images, task)
     skipped = len(loaded.failures)
+    uris = np.array(loaded.uris, dtype=object)
     if row.val_uri is not None:
         val = load_images(resolve_images(row.val_uri, opts), size, opts)
         _check_loaded(val, "val_uri", row.val_uri, 1, task)
-        return loaded.images, val.images, len(loaded.images), skipped + len(val.failures)
-    train_idx, held_idx = holdout_split(
-        len(loaded.images), task.train.val_fraction, task.train.seed
-    )
-    return loaded.images[train_idx], loaded.images[held_idx], len(train_idx), skipped
+        split = holdout_splits(len(loaded.images), cfg.val_fraction, 0.0, cfg.seed)
+        cal_images, cal_uris = val.images, list(val.uris)
+        skipped += len(val.failures)
+    else:
+        split = holdout_splits(len(loaded.images), cfg.val_fraction, cfg.calib_fraction, cfg.seed)
+        cal_images, cal_uris = loaded.images[split.calibration], list(uris[split.calibration])
+    holdout = {"early_stopping": list(uris[split.early_stopping]), "calibration": cal_uris}
+    return LineImages(
+        loaded.images[split.train], loaded.images[split.early_stopping], cal_images, holdout,
+        skipped,
+    )  # fmt: skip
 
 
 def _evaluate(
@@ -214,15 +243,19 @@ def _node_id() -> str | None:
 def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
     row = task.row
     device = pick_device()
-    train_images, held_out, n_train, skipped = _read_split(task, reporter)
+    split = _read_split(task, reporter)
+    train_images, n_train, skipped = split.train, len(split.train), split.skipped
     weights_path = None
     if task.weights_uri:
         weights_path = str(storage.copy_to_local(task.weights_uri, task.cache_dir, task.storage))
     extractor = get_extractor(task.model, weights_path)
     reporter.stage(f"training on {device.type}: {len(train_images)} images")
-    fitted = fit(extractor, task.model, task.train, train_images, held_out, device, reporter.epoch)
-    reporter.stage(f"calibrating on {len(held_out)} held-out images")
-    calibration = calibrate(fitted.model, held_out, task.calibration, device)
+    fitted = fit(
+        extractor, task.model, task.train, train_images, split.early_stopping, device,
+        reporter.epoch,
+    )  # fmt: skip
+    reporter.stage(f"calibrating on {len(split.calibration)} held-out images")
+    calibration = calibrate(fitted.model, split.calibration, task.calibration, device)
     metrics: dict[str, Any] = {}
     if row.test_uri is not None:
         reporter.stage("evaluating")
@@ -239,7 +272,11 @@ def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
         "skipped_images": skipped,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    training = {**fitted.summary, "calibration_config": to_dict(task.calibration)}
+    training = {
+        **fitted.summary,
+        "calibration_config": to_dict(task.calibration),
+        "holdout": split.holdout,
+    }
     reporter.stage(f"publishing version {version}")
     with tempfile.TemporaryDirectory(prefix="dfr-model-") as tmp:
         save_model(fitted.model, tmp, calibration, training, metrics, extra)
@@ -249,7 +286,7 @@ def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
         "device": device.type,
         "node_id": extra["node_id"],
         "train_images": n_train,
-        "held_out_images": len(held_out),
+        "held_out_images": len(split.early_stopping) + len(split.calibration),
         "skipped_images": skipped,
         "latent_dim": fitted.summary["latent_dim"],
         "epochs_run": fitted.summary["epochs_run"],
@@ -360,20 +397,36 @@ def build_tasks(
         raise ManifestError(config.manifest_uri, conflicts)
     cache_dir = config.cache_dir or os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
     tasks = []
+    problems: list[Problem] = []
+    built = []
     for row in rows:
-        model = ModelConfig(
-            backbone=row.backbone or job_backbone,
-            image_size=row.image_size or config.image_size or ModelConfig().image_size,
-        )
-        train = TrainConfig(
-            epochs=row.epochs or config.epochs or TrainConfig().epochs, seed=config.seed
-        )
+        explicit = {"backbone": row.backbone or config.backbone}
+        explicit["image_size"] = row.image_size or config.image_size
+        try:
+            configs = build_configs(
+                row.options,
+                config.model_options,
+                {k: v for k, v in explicit.items() if v is not None},
+                {
+                    "epochs": row.epochs or config.epochs or TrainConfig().epochs,
+                    "seed": config.seed,
+                },
+                config.calibration,
+            )
+        except ValueError as exc:
+            column, _, message = str(exc).partition(": ")
+            problems.append(Problem(row.line, column, message))
+            continue
+        built.append((row, configs))
+    if problems:
+        raise ManifestError(config.manifest_uri, problems)
+    for row, (model, train, calibration) in built:
         tasks.append(
             LineTask(
                 row=row,
                 model=model,
                 train=train,
-                calibration=config.calibration,
+                calibration=calibration,
                 models_uri=config.models_uri,
                 weights_uri=config.weights_uri,
                 storage=options,
