@@ -88,6 +88,11 @@ SCORE_SCHEMA = pa.schema(
         # Ray node whose scoring actor handled the row; null for rows that were already errors
         # before scoring (unreadable, undecodable, no model): shows how work spread over nodes.
         pa.field("node_id", pa.string()),
+        # Input statistics of the resized image (pipeline.input_stats), for the drift watch;
+        # null for rows that never decoded.
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("sharpness", pa.float64()),
     ]
 )
 PARTITION_SCHEMA = pa.schema(

@@ -2,7 +2,9 @@
 
 Exit codes: 0 the run committed (error rows included); 1 the job could not run or was stopped
 before committing; 3 the run committed but more than ``--max-error-fraction`` of its rows are
-errors (alerting should look at it). Click itself uses 2 for bad flags.
+errors (alerting should look at it); 4 (``nightly`` only) the run committed but at least one
+product line drifted from its model's reference (one ``DRIFT`` line each is printed; 3 wins when
+both apply). Click itself uses 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipeline.score_job import (
 
 EXIT_FAILED = 1
 EXIT_TOO_MANY_ERRORS = 3
+EXIT_DRIFT = 4
 
 
 def parse_actors(value: str) -> tuple[int, int]:
@@ -44,7 +47,7 @@ def today_utc() -> str:
     return dt.datetime.now(dt.UTC).date().isoformat()
 
 
-def execute(config: ScoreJobConfig) -> None:
+def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
     """Run the job, print its summary and exit with the code documented above."""
     try:
         summary = run_score_job(config)
@@ -52,8 +55,12 @@ def execute(config: ScoreJobConfig) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     click.echo(summary.format())
+    for drift in summary.drifting:
+        click.echo(drift.describe(), err=True)
     if summary.failed:
         sys.exit(EXIT_TOO_MANY_ERRORS)
+    if drift_exit and summary.drifting:
+        sys.exit(EXIT_DRIFT)
 
 
 @click.command("score")
@@ -90,6 +97,13 @@ def execute(config: ScoreJobConfig) -> None:
     show_default=True,
     help="Exit 3 when more than this fraction of rows are errors.",
 )
+@click.option(
+    "--drift-level",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.001,
+    show_default=True,
+    help="Significance level of the drift tests (see docs/operating.md).",
+)
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True)
 @click.option("--address", default=None, help="Ray cluster address; default: start locally.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -109,6 +123,7 @@ def score(
     heatmaps: bool,
     shard_size: int,
     max_error_fraction: float,
+    drift_level: float,
     cache_dir: str,
     address: str | None,
     quiet: bool,
@@ -133,6 +148,7 @@ def score(
             heatmaps=heatmaps,
             shard_size=shard_size,
             max_error_fraction=max_error_fraction,
+            drift_level=drift_level,
             cache_dir=cache_dir,
             address=address,
             quiet=quiet,
@@ -160,4 +176,4 @@ def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
         config = load_config(config_path, run_date=run_date, quiet=quiet)
     except (NightlyConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    execute(config)
+    execute(config, drift_exit=True)
