@@ -40,14 +40,16 @@ SIZE = 64
 LAYERS = ("features.1", "features.3")
 
 
-def _model_configs(size: int, epochs: int) -> tuple[ModelConfig, TrainConfig]:
-    model = ModelConfig(backbone="mobilenet_v2", layers=LAYERS, image_size=size)
+def _model_configs(
+    size: int, epochs: int, layers: tuple[str, ...]
+) -> tuple[ModelConfig, TrainConfig]:
+    model = ModelConfig(backbone="mobilenet_v2", layers=layers, image_size=size)
     train = TrainConfig(epochs=epochs, batch_size=4, positions_per_image=64, patience=0)
     return model, train
 
 
-def _train(normal: np.ndarray, calib: np.ndarray, size: int, epochs: int):
-    model_cfg, train_cfg = _model_configs(size, epochs)
+def _train(normal: np.ndarray, calib: np.ndarray, size: int, epochs: int, layers=LAYERS):
+    model_cfg, train_cfg = _model_configs(size, epochs, layers)
     fitted = fit(build_extractor(model_cfg), model_cfg, train_cfg, normal)
     cal = calibrate(fitted.model, calib, CalibrationConfig())
     return fitted.model, cal, make_reference(fitted.model, calib, normal, cal)
@@ -104,7 +106,7 @@ def run_real(args: argparse.Namespace) -> None:
         rng.shuffle(defects)
         defects = defects[: args.night]
         model, cal, ref = _train(
-            _load(train, args.size), _load(calib, args.size), args.size, args.epochs
+            _load(train, args.size), _load(calib, args.size), args.size, args.epochs, ()
         )
         for kind, paths in (("normal", held), ("defective", defects)):
             rows = rows_of_images(model, cal, _load(paths, args.size))
@@ -114,7 +116,7 @@ def run_real(args: argparse.Namespace) -> None:
                   f"p={d.anomaly_p:.2g}) score_KS={d.score_ks:.3f} (p={d.score_p:.2g}) "
                   f"brightness_KS={d.brightness_ks:.3f} sharpness_KS={d.sharpness_ks:.3f} "
                   f"reasons={d.reasons or '-'}")  # fmt: skip
-        print(f"  ({len(train)} train, {len(calib)} calibration images, size {args.size}, "
+        print(f"  ({len(train)} train, {len(calib)} calibration images, default layers, size {args.size}, "
               f"{args.epochs} epochs, {time.perf_counter() - t0:.0f} s)")  # fmt: skip
 
 
@@ -130,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     syn.add_argument("--verbose", action="store_true")
     real = sub.add_parser("real")
     real.add_argument("--data", action="append", required=True)
-    real.add_argument("--train", type=int, default=60)
-    real.add_argument("--calib", type=int, default=30)
-    real.add_argument("--night", type=int, default=40)
-    real.add_argument("--size", type=int, default=128)
-    real.add_argument("--epochs", type=int, default=5)
+    real.add_argument("--train", type=int, default=100)
+    real.add_argument("--calib", type=int, default=40)
+    real.add_argument("--night", type=int, default=60)
+    real.add_argument("--size", type=int, default=256)
+    real.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     run_synthetic(args) if args.mode == "synthetic" else run_real(args)

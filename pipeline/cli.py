@@ -239,8 +239,11 @@ def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
         click.echo(f"no models under {models_uri}")
         return
     click.echo(render_table(MODEL_HEADERS, [_model_row(d) for d in rows]))
-    for line, why in why_latest(models_uri, rows, storage_options(s3_endpoint_url)).items():
-        click.echo(f"LATEST {line}: {why}")
+    reasons = why_latest(models_uri, rows, storage_options(s3_endpoint_url))
+    if reasons:
+        click.echo("")  # a blank line ends the table (scripts parse it)
+    for line, why in reasons.items():
+        click.echo(f"LATEST {line} {why}")
 
 
 @main.command()

@@ -126,7 +126,7 @@ def _absolute(value: str, base_dir: str | None, options: StorageOptions | None) 
 def _parse_row(
     line: int,
     cells: dict[str, str],
-    known_lines: set[str],
+    known_lines: set[str] | None,
     base_dir: str | None,
     options: StorageOptions | None,
 ) -> tuple[FeedbackRow | None, list[Problem]]:
@@ -138,7 +138,7 @@ def _parse_row(
             Problem(line, "label", f"{cells['label']!r} is neither {NORMAL!r} nor {DEFECT!r}")
         )
     name = cells.get("product_line", "")
-    if name and name not in known_lines:
+    if name and known_lines is not None and name not in known_lines:
         problems.append(
             Problem(line, "product_line", f"product line {name!r} has no model and is not in "
                     "the manifest")
@@ -191,12 +191,12 @@ def _conflicts(rows: list[FeedbackRow]) -> list[Problem]:
 
 
 def load_feedback(
-    uri: str, known_lines: set[str], options: StorageOptions | None = None
+    uri: str, known_lines: set[str] | None, options: StorageOptions | None = None
 ) -> Feedback:
     """Read and validate a feedback table; FeedbackError lists every problem.
 
     ``known_lines``: product lines a verdict may name (the manifest's lines and the lines that
-    already have a model). Relative paths are resolved against a local table's directory.
+    already have a model; None: any). Relative paths are resolved against a local table's directory.
     """
     try:
         data = storage.read_bytes(uri, options)
