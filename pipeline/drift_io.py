@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dfr_core.artifact import read_metadata
+from dfr_core.artifact import ArtifactError, read_metadata
 from dfr_core.calibrate import Calibration, compute_maps
 from dfr_core.model import DFRModel
 from pipeline import outputs, registry, storage
@@ -131,9 +131,9 @@ def _read_rows(output: str, files: list[str], options: StorageOptions | None) ->
     root = output.rstrip("/")
     tables = []
     for rel in files:
-        data = storage.read_bytes(f"{root}/{rel}", options)
-        table = pq.read_table(io.BytesIO(data))
-        tables.append(table.select([c for c in ROW_COLUMNS if c in table.column_names]))
+        source = pq.ParquetFile(io.BytesIO(storage.read_bytes(f"{root}/{rel}", options)))
+        names = set(source.schema_arrow.names)
+        tables.append(source.read(columns=[c for c in ROW_COLUMNS if c in names]))
     if not tables:
         return {name: [] for name in ROW_COLUMNS}
     table = pa.concat_tables(tables, promote_options="default")
@@ -156,8 +156,13 @@ def write_line_drift(
 def _reference_for(
     models_uri: str, line: str, version: str, cache_dir: str, options: StorageOptions | None
 ) -> DriftReference | None:
-    directory = registry.fetch(models_uri, line, version, cache_dir, options)
-    return reference_of(read_metadata(directory))
+    """None when the model has no reference, or cannot be read (its rows are model_error rows
+    then, and a broken model must not stop the run from committing)."""
+    try:
+        directory = registry.fetch(models_uri, line, version, cache_dir, options)
+        return reference_of(read_metadata(directory))
+    except (ArtifactError, OSError, ValueError, KeyError):
+        return None
 
 
 def run_drift(
