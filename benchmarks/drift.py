@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dfr_core.calibrate import calibrate
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
@@ -41,15 +42,17 @@ LAYERS = ("features.1", "features.3")
 
 
 def _model_configs(
-    size: int, epochs: int, layers: tuple[str, ...]
+    size: int, epochs: int, layers: tuple[str, ...], seed: int = 0
 ) -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(backbone="mobilenet_v2", layers=layers, image_size=size)
-    train = TrainConfig(epochs=epochs, batch_size=4, positions_per_image=64, patience=0)
+    train = TrainConfig(epochs=epochs, batch_size=4, positions_per_image=64, patience=0, seed=seed)
     return model, train
 
 
-def _train(normal: np.ndarray, calib: np.ndarray, size: int, epochs: int, layers=LAYERS):
-    model_cfg, train_cfg = _model_configs(size, epochs, layers)
+def _train(
+    normal: np.ndarray, calib: np.ndarray, size: int, epochs: int, layers=LAYERS, seed: int = 0
+):
+    model_cfg, train_cfg = _model_configs(size, epochs, layers, seed)
     fitted = fit(build_extractor(model_cfg), model_cfg, train_cfg, normal)
     cal = calibrate(fitted.model, calib, CalibrationConfig())
     return fitted.model, cal, make_reference(fitted.model, calib, normal, cal)
@@ -117,6 +120,40 @@ def run_feedback(args: argparse.Namespace) -> None:
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 
+def run_gate(args: argparse.Namespace) -> None:
+    """The promotion gate on a generated line: a good version (``--epochs``, default layers) is
+    LATEST; a deliberately weak one (1 epoch) is gated against it, and so is a second good one
+    (another training seed), which must not be held."""
+    import tempfile
+
+    from pipeline.evaluation import evaluate_model
+    from pipeline.mvtec_remote import load_labelled_set
+    from pipeline.promotion import compare
+    from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
+
+    root = tempfile.mkdtemp(prefix="dfr-gate-")
+    for seed in range(args.seeds):
+        spec = SyntheticSpec((args.line,), 40, args.test, args.test, 128, seed=seed)
+        line_dir = write_mvtec_dataset(root + f"/{seed}", spec)[args.line]
+        test = load_labelled_set(str(line_dir), SIZE)
+        paths = sorted((line_dir / "train" / "good").glob("*.png"))
+        normal = np.stack([resize_image(np.asarray(Image.open(p).convert("RGB")), SIZE)
+                           for p in paths])  # fmt: skip
+        metrics = {}
+        for name, epochs, train_seed in (("good", args.epochs, 0), ("weak", 1, 0),
+                                         ("good2", args.epochs, 1)):  # fmt: skip
+            # the training job's backbone layers (the default), not the tiny drift-test ones
+            model, cal, _ = _train(normal[8:], normal[:8], SIZE, epochs, (), train_seed)
+            metrics[name] = evaluate_model(model, cal, test, curves=False)
+        for name in ("weak", "good2"):
+            gate = compare(metrics[name], metrics["good"], "good", args.tolerance)
+            m = metrics[name]
+            print(f"seed {seed} {name:5s} image AUROC {m['image_auroc']:.3f} (LATEST "
+                  f"{metrics['good']['image_auroc']:.3f}), PRO {m['pro']:.3f} (LATEST "
+                  f"{metrics['good']['pro']:.3f}): "
+                  f"{'promoted' if gate.promote else 'held'}")  # fmt: skip
+
+
 def _load(paths: list[Path], size: int) -> np.ndarray:
     return load_images(paths, size)
 
@@ -177,9 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     fb.add_argument("--feedback", type=int, default=10)
     fb.add_argument("--held-out", type=int, default=30)
     fb.add_argument("--epochs", type=int, default=5)
+    gate = sub.add_parser("gate")
+    gate.add_argument("--seeds", type=int, default=2)
+    gate.add_argument("--line", default="metal_plate")
+    gate.add_argument("--epochs", type=int, default=5)
+    gate.add_argument("--tolerance", type=float, default=0.02)
+    gate.add_argument("--test", type=int, default=10, help="good and defective test images")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    {"synthetic": run_synthetic, "real": run_real, "feedback": run_feedback}[args.mode](args)
+    modes = {"synthetic": run_synthetic, "real": run_real, "feedback": run_feedback,
+             "gate": run_gate}  # fmt: skip
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":
