@@ -97,6 +97,11 @@ SCORE_SCHEMA = pa.schema(
         # models both pairs are equal (their image score was the max of the map).
         pa.field("anomaly_score", pa.float64()),
         pa.field("anomaly_threshold", pa.float64()),
+        # Input statistics of the resized image (pipeline.input_stats), for the drift watch;
+        # null for rows that never decoded.
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("sharpness", pa.float64()),
     ]
 )
 PARTITION_SCHEMA = pa.schema(
