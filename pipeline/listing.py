@@ -220,9 +220,10 @@ def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     raw = raw.combine_chunks()
-    uri = pc.fill_null(raw.column("image_uri").combine_chunks(), "")
-    line = raw.column("product_line").combine_chunks()
-    given = raw.column("image_id").combine_chunks()
+    # Cast: a column of nulls only (e.g. no image_id at all) arrives as Arrow's null type.
+    uri = pc.fill_null(pc.cast(raw.column("image_uri").combine_chunks(), pa.string()), "")
+    line = pc.cast(raw.column("product_line").combine_chunks(), pa.string())
+    given = pc.cast(raw.column("image_id").combine_chunks(), pa.string())
     line, reason, message = la.row_problems(uri, line, given, INVALID_LINE)
     missing_id = pc.fill_null(pc.equal(given, ""), True)
     if pc.any(missing_id).as_py():

@@ -93,6 +93,18 @@ SCORE_SCHEMA = pa.schema(
         # Ray node whose scoring actor handled the row; null for rows that were already errors
         # before scoring (unreadable, undecodable, no model): shows how work spread over nodes.
         pa.field("node_id", pa.string()),
+        # The score `is_anomaly` is decided on (anomaly_score > anomaly_threshold): the model's
+        # configured image score (e.g. top-1 % mean fused with the global term, normalised so
+        # held-out normal images' q90 -> 0 and q99.5 -> 1). `score` / `threshold` above stay the
+        # raw max of the anomaly map and its threshold at the same image FPR. For format-1
+        # models both pairs are equal (their image score was the max of the map).
+        pa.field("anomaly_score", pa.float64()),
+        pa.field("anomaly_threshold", pa.float64()),
+        # Input statistics of the resized image (pipeline.input_stats), for the drift watch;
+        # null for rows that never decoded.
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("sharpness", pa.float64()),
     ]
 )
 PARTITION_SCHEMA = pa.schema(

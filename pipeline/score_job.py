@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from pipeline import drift_io, outputs, registry, storage
 from pipeline import listing as listing_mod
-from pipeline import outputs, registry, storage
+from pipeline.drift import DriftConfig, LineDrift
 from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.listing import Listing
@@ -100,6 +101,12 @@ class ScoreJobConfig:
     allow_empty: bool = False
     #: Test/ops knob: stop (RunInterrupted) after committing this many shards.
     stop_after_shards: int | None = None
+    drift_level: float = 0.001  # significance level of the drift tests (pipeline.drift)
+    drift_min_images: int = 20  # fewer ok rows in a line: never drifted
+
+    @property
+    def drift(self) -> DriftConfig:
+        return DriftConfig(level=self.drift_level, min_images=self.drift_min_images)
 
     def __post_init__(self) -> None:
         outputs.check_run_date(self.run_date)
@@ -121,6 +128,7 @@ class ScoreJobConfig:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.stop_after_shards is not None and self.stop_after_shards < 1:
             raise ValueError("stop_after_shards must be >= 1")
+        self.drift  # noqa: B018  (validates the drift settings)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,12 @@ class ScoreSummary:
     already_committed: bool = False
     max_error_fraction: float = 1.0
     timings: dict[str, float] = field(default_factory=dict)
+    drift: tuple[LineDrift, ...] = ()
+
+    @property
+    def drifting(self) -> list[LineDrift]:
+        """Product lines whose night drifted from their model's reference."""
+        return [d for d in self.drift if d.drifted]
 
     @property
     def error_fraction(self) -> float:
@@ -182,6 +196,7 @@ class ScoreSummary:
             f"  masks:  {self.masks_uri}",
             f"  record: {self.record_uri}",
         ]
+        lines += [f"  {d.describe()}" for d in self.drifting]
         if self.failed:
             lines.append(
                 f"  FAILED: error fraction {self.error_fraction:.1%} exceeds "
@@ -530,6 +545,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         record_uri: str,
         timings: dict[str, float],
         already: bool = False,
+        drift: tuple[LineDrift, ...] = (),
     ) -> ScoreSummary:
         return ScoreSummary(
             run_id=run_id,
@@ -546,6 +562,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             already_committed=already,
             max_error_fraction=config.max_error_fraction,
             timings=timings,
+            drift=drift,
         )
 
     if table.num_rows == 0 and not config.allow_empty:
@@ -566,6 +583,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             outputs.run_record_uri(output, run_id),
             {"total_s": time.perf_counter() - t0},
             True,
+            drift_io.drift_of_record(existing),
         )
 
     done_before = already_committed()
@@ -602,10 +620,13 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         record = _record(
             config, listing, models, run_id, run_key, markers, counts, timings, started_at
         )
+        drift = drift_io.run_drift(record, run_key, config.cache_dir, config.drift, options)
+        record["drift"] = drift_io.drift_record(drift, output, run_key)
         lease.check()  # fencing: a run that lost its lease never commits over its successor
         record_uri = outputs.write_run_record(output, record, options)
         lines = sorted({line for line, _ in slices})
         outputs.remove_superseded(output, date, run_key, lines, options)
+        drift_io.remove_superseded(output, date, run_key, lines, options)
     finally:
         try:
             outputs.clear_staging(output, date, options)
@@ -613,4 +634,6 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             lease.release()
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
-    return summary(counts, table.num_rows - skipped, skipped, record_uri, timings)
+    return summary(
+        counts, table.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
+    )

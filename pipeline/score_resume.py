@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import outputs, storage
+from pipeline import drift_io, outputs, storage
 from pipeline.run_lease import LeaseHeld, RunLease
 from pipeline.storage import StorageOptions
 
@@ -58,6 +58,7 @@ def tidy_committed(output: str, run_date: str, run_id: str, options: StorageOpti
         if record.get("run_key"):
             lines = sorted(record.get("files", {}))
             outputs.remove_superseded(output, run_date, record["run_key"], lines, options)
+            drift_io.remove_superseded(output, run_date, record["run_key"], lines, options)
         outputs.clear_staging(output, run_date, options)
     finally:
         lease.release()
