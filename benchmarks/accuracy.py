@@ -11,7 +11,7 @@ image threshold on the test split, mask F1 / IoU at the calibrated pixel thresho
 epochs, fit time, ms/image, model size (head.pt + model.json).
 
 Configurations: the defaults, plus one retrained model per --vary value; with --score-variants
-the defaults' model is also scored with each alternative image-score / smoothing / pixel-FPR
+each trained model is also scored with each alternative image-score / smoothing / pixel-FPR
 setting of SCORE_VARIANTS, from cached features (no retraining: only the head runs again and
 the score scales and thresholds are refitted on the same held-out slices).
 """
@@ -172,7 +172,7 @@ def run_one(root: Path, overrides: dict, cache: dict, args) -> None:
     ev, types, cal = score(model, sets, test, CalibrationConfig(), args.per_type)
     info = (result.summary, fit_s, model_kb(model, cal))
     print_row(root, label, ev, types, info)
-    if args.score_variants and not overrides:
+    if args.score_variants:
         base = model.head.config
         for name, changes, cal_changes in SCORE_VARIANTS:
             model.head.config = dataclasses.replace(base, **changes)
