@@ -189,13 +189,16 @@ def check_extractor(extractor: FeatureExtractor, meta: dict[str, Any]) -> None:
 
 
 def calibration_of(meta: dict[str, Any]) -> Calibration | None:
+    """The thresholds and the precision they hold at (absent in older models: fp32)."""
     cal = meta.get("calibration")
     if not cal:
         return None
     try:
-        return Calibration(**cal)
-    except TypeError as exc:
+        calibration = Calibration(**cal)
+        calibration.precision_spec  # noqa: B018 - validate the recorded precision now
+    except (TypeError, ValueError) as exc:
         raise ArtifactError(f"bad calibration in model.json: {exc}") from exc
+    return calibration
 
 
 def load_model(
@@ -219,5 +222,7 @@ def load_model(
             )
         extractor = build_extractor(config, weights_path)
     check_extractor(extractor, meta)
-    model = DFRModel(extractor, load_head(directory, meta)).eval()
-    return LoadedModel(model, calibration_of(meta), meta)
+    calibration = calibration_of(meta)
+    precision = calibration.precision_spec if calibration else None
+    model = DFRModel(extractor, load_head(directory, meta), precision).eval()
+    return LoadedModel(model, calibration, meta)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from dfr_core.config import CalibrationConfig
-from dfr_core.device import inference_mode
+from dfr_core.inference import forward_batch
 from dfr_core.model import AnomalyOutput, DFRModel, concat_outputs
-from dfr_core.preprocess import normalize_batch
+from dfr_core.precision import PrecisionSpec
 
 
 @dataclass(frozen=True)
@@ -23,24 +25,34 @@ class Calibration:
     image_fpr: float
     n_images: int
     method: str = "quantile of anomaly-map values / image scores on held-out normal images"
+    #: the precision the maps were computed at (PrecisionSpec.to_dict(); None in older models:
+    #: fp32). Scoring runs at exactly this precision or refuses (dfr_core.precision).
+    precision: dict[str, Any] | None = None
     #: threshold of the raw max-of-map score at image_fpr (None in format-1 models, whose image
     #: score was the max of the map: there image_threshold is that threshold)
     max_threshold: float | None = None
 
+    @property
+    def precision_spec(self) -> PrecisionSpec:
+        return PrecisionSpec.from_dict(self.precision)
+
 
 @torch.no_grad()
 def compute_maps(
-    model: DFRModel, images: np.ndarray, device: torch.device | None = None, batch_size: int = 8
+    model: DFRModel,
+    images: np.ndarray,
+    device: torch.device | None = None,
+    batch_size: int = 8,
+    precision: PrecisionSpec | None = None,
 ) -> AnomalyOutput:
-    """Anomaly maps and scores of (N, S, S, 3) uint8 images, returned on the CPU."""
+    """Anomaly maps and scores of (N, S, S, 3) uint8 images, returned on the CPU, through the
+    shared batched forward at ``precision`` (default: the model's own, fp32 unless loaded from a
+    reduced-precision calibration)."""
     device = device or torch.device("cpu")
     model.to(device).eval()
     outs = []
     for i in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
-        with inference_mode(device):
-            feats = model.extractor(normalize_batch(batch))
-        outs.append(model.head(feats.float()))
+        outs.append(forward_batch(model, images[i : i + batch_size], precision))
     return concat_outputs(outs)
 
 
@@ -74,10 +86,18 @@ def calibrate(
     normal_images: np.ndarray,
     config: CalibrationConfig | None = None,
     device: torch.device | None = None,
+    precision: str = "fp32",
 ) -> Calibration:
-    """Calibrate on normal images the model was not trained on (e.g. the held-out slice)."""
+    """Calibrate on normal images the model was not trained on (e.g. the held-out slice).
+
+    ``precision`` (fp32, bf16, fp16) is the precision the thresholds are computed, recorded
+    and later enforced at; the model's eval precision is set to it.
+    """
     if len(normal_images) == 0:
         raise ValueError("calibration needs at least one held-out normal image")
-    return calibrate_outputs(
-        compute_maps(model, normal_images, device), config or CalibrationConfig()
+    spec = PrecisionSpec.for_device(precision, device or torch.device("cpu"))
+    out = compute_maps(model, normal_images, device, precision=spec)
+    model.precision = spec
+    return dataclasses.replace(
+        calibrate_outputs(out, config or CalibrationConfig()), precision=spec.to_dict()
     )

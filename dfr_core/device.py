@@ -35,8 +35,6 @@ def inference_mode(device: torch.device) -> Iterator[None]:
 
 
 def prepare_for_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move a module to the device; channels_last on CUDA where convolutions prefer it."""
-    module = module.to(device)
-    if device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
-    return module
+    """Move a module to the device, channels_last: cuDNN and oneDNN (CPU) convolutions both run
+    faster in it (measured in BENCHMARKS.md), and the values are the same to float rounding."""
+    return module.to(device).to(memory_format=torch.channels_last)

@@ -14,8 +14,9 @@ from dfr_core.backbones import FeatureBackbone, build_backbone
 from dfr_core.cae import CAE
 from dfr_core.config import ModelConfig
 from dfr_core.features import FeatureExtractor
-from dfr_core.preprocess import normalize_batch, resize_image
-from dfr_core.scoring import ScoreTerms, aggregate, mahalanobis, normalise, pooled
+from dfr_core.precision import PrecisionSpec
+from dfr_core.preprocess import resize_image
+from dfr_core.scoring import ScoreTerms, aggregate, mahalanobis, normalise
 
 
 class AnomalyOutput(NamedTuple):
@@ -111,19 +112,40 @@ class DFRHead(nn.Module):
         z = self.standardize(feats.float())
         return (self.cae(z) - z).pow(2).mean(dim=1)
 
-    def terms(self, feats: torch.Tensor) -> tuple[torch.Tensor, ScoreTerms]:
-        """The anomaly map (B, S, S) and the raw image-score terms, before normalisation."""
+    def pooled_standardized(self, pooled_feats: torch.Tensor) -> torch.Tensor:
+        """(B, C) position-means of the raw features -> the global descriptor (B, C).
+
+        Standardisation is affine per channel, so standardising the mean equals the mean of the
+        standardised map: the fast path (dfr_core.inference) never builds the full map for it.
+        """
+        if self.config.feature_norm == "channel":
+            return (pooled_feats.float() - self.feature_mean.flatten()) / self.feature_std.flatten()
+        return pooled_feats.float()
+
+    def terms_from_grid(
+        self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ScoreTerms]:
+        """The anomaly map (B, S, S) and the raw image-score terms of a (B, G, G) error grid.
+
+        ``pooled_feats`` (B, C): the raw features averaged over grid positions; needed only when
+        the config has a global term.
+        """
         cfg = self.config
-        z = self.standardize(feats.float())
-        grid = (self.cae(z) - z).pow(2).mean(dim=1)
         size = cfg.image_size
         full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
         amap = gaussian_blur(full[:, 0], cfg.smoothing_sigma)
         distance = None
         if cfg.global_weight > 0:
-            distance = mahalanobis(pooled(z), self.global_mean, self.global_precision)
+            if pooled_feats is None:
+                raise ValueError("this model's score has a global term: pooled features needed")
+            z = self.pooled_standardized(pooled_feats)
+            distance = mahalanobis(z, self.global_mean, self.global_precision)
         local = aggregate(amap, cfg.image_score, cfg.topk_fraction)
         return amap, ScoreTerms(amap.flatten(1).amax(dim=1), local, distance)
+
+    def terms(self, feats: torch.Tensor) -> tuple[torch.Tensor, ScoreTerms]:
+        """The anomaly map (B, S, S) and the raw image-score terms, before normalisation."""
+        return self.terms_from_grid(self.error_grid(feats), feats.float().mean(dim=(2, 3)))
 
     def combine(self, terms: ScoreTerms) -> torch.Tensor:
         """The image score: the local term, normalised and fused with the global term."""
@@ -136,6 +158,13 @@ class DFRHead(nn.Module):
             )
         return score
 
+    def from_error_grid(
+        self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
+    ) -> AnomalyOutput:
+        """The map and score definition on a (B, G, G) error grid (shared with the fast path)."""
+        amap, terms = self.terms_from_grid(grid, pooled_feats)
+        return AnomalyOutput(amap, self.combine(terms), terms.max_score)
+
     def forward(self, feats: torch.Tensor) -> AnomalyOutput:
         amap, terms = self.terms(feats)
         return AnomalyOutput(amap, self.combine(terms), terms.max_score)
@@ -144,10 +173,14 @@ class DFRHead(nn.Module):
 class DFRModel(nn.Module):
     """Extractor (frozen, shareable) + head (per product line)."""
 
-    def __init__(self, extractor: FeatureExtractor, head: DFRHead) -> None:
+    def __init__(
+        self, extractor: FeatureExtractor, head: DFRHead, precision: PrecisionSpec | None = None
+    ) -> None:
         super().__init__()
         self.extractor = extractor
         self.head = head
+        #: the precision eval forwards run at: its calibration's (dfr_core.precision)
+        self.precision = precision or PrecisionSpec()
 
     @property
     def config(self) -> ModelConfig:
@@ -159,14 +192,16 @@ class DFRModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 16) -> AnomalyOutput:
-        """Decoded images of any size -> maps at image_size and scores, in eval mode."""
+        """Decoded images of any size -> maps at image_size and scores, in eval mode, through
+        the same batched forward (and precision) as calibration and the scoring job."""
+        from dfr_core.inference import forward_batch  # local import: inference imports this
+
         self.eval()
-        device = next(self.head.parameters()).device
         outs = []
         size = self.config.image_size
         for i in range(0, len(images), batch_size):
             batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
-            outs.append(self(normalize_batch(torch.from_numpy(batch).to(device))))
+            outs.append(forward_batch(self, batch))
         return concat_outputs(outs)
 
     @classmethod

@@ -1,4 +1,5 @@
-"""The three Ray Data stages of the scoring job: read bytes, decode+resize, score.
+"""The Ray Data stages of the scoring job: read bytes, decode+resize (pipeline.io_stages,
+torch-free), score (here).
 
 Every stage takes and returns a pyarrow table with the listing's columns (``image_id``,
 ``image_uri``, ``product_line``, ``captured_at``, ``shard``, ``status``, ``error_reason``,
@@ -31,163 +32,29 @@ from dfr_core.artifact import (
     read_metadata,
 )
 from dfr_core.calibrate import Calibration
-from dfr_core.device import inference_mode, pick_device, prepare_for_device
+from dfr_core.device import pick_device, prepare_for_device
 from dfr_core.features import FeatureExtractor
+from dfr_core.inference import extract, head_output, to_model_input
 from dfr_core.model import DFRHead, build_extractor
-from dfr_core.preprocess import normalize_batch, resize_image
+from dfr_core.precision import PrecisionSpec
 from pipeline import outputs, registry, storage
-from pipeline.imageio import DecodeError, decode_image
+from pipeline.io_stages import (  # noqa: F401 - re-exported: the job and tests use them here
+    DECODE_COLUMNS,
+    READ_COLUMNS,
+    DecodeConfig,
+    ReadConfig,
+    RowError,
+    _set_errors,
+    decode_batch,
+    read_batch,
+)
 from pipeline.storage import StorageOptions
 
-#: Columns added by the stages, in order of appearance.
-READ_COLUMNS = pa.schema([pa.field("data", pa.large_binary())])
-DECODE_COLUMNS = pa.schema(
-    [
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("pixels", pa.large_binary()),  # resized (S, S, 3) uint8, C order
-        pa.field("size", pa.int32()),
-    ]
-)
 #: What the scoring stage emits: the score file columns plus the two the driver groups by.
 SCORED_SCHEMA = pa.schema(
     list(outputs.SCORE_SCHEMA)
     + [pa.field("product_line", pa.string(), nullable=False), pa.field("shard", pa.int32())]
 )
-
-
-class RowError(NamedTuple):
-    reason: str
-    message: str
-
-
-def _set_errors(batch: pa.Table, failures: dict[int, RowError]) -> pa.Table:
-    """Mark rows ``i`` in ``failures`` as errors (status/error_reason/error columns)."""
-    if not failures:
-        return batch
-    status = batch.column("status").to_pylist()
-    reasons = batch.column("error_reason").to_pylist()
-    errors = batch.column("error").to_pylist()
-    for i, failure in failures.items():
-        status[i], reasons[i] = "error", failure.reason
-        errors[i] = f"{failure.reason}: {storage.redact(failure.message)}"
-    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
-        batch = batch.set_column(
-            batch.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
-    return batch
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 1: read bytes (I/O bound: threads)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReadConfig:
-    options: StorageOptions | None
-    threads: int
-    max_bytes: int
-
-
-def _read_capped(stream: Any, cap: int) -> bytes:
-    """Read to EOF, but never more than ``cap`` bytes (a short read is not EOF on every fs)."""
-    chunks, total = [], 0
-    while total < cap:
-        chunk = stream.read(min(cap - total, 1 << 24))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
-
-
-def _read_one(uri: str, config: ReadConfig) -> bytes | RowError:
-    """One object's bytes, capped at max_bytes + 1 so a huge file is refused without a full read.
-
-    pyarrow's filesystems (C++, GIL released) and a plain input stream: one GET per S3 object,
-    where an fsspec open would add a HEAD.
-    """
-    try:
-        fs, path = storage.pyarrow_fs(uri, config.options)
-    except ValueError as exc:
-        return RowError("bad_uri", str(exc))
-    try:
-        with fs.open_input_stream(path) as stream:
-            data = _read_capped(stream, config.max_bytes + 1)
-    except FileNotFoundError as exc:
-        return RowError("not_found", str(exc) or uri)
-    except PermissionError as exc:
-        return RowError("access_denied", str(exc) or uri)
-    except Exception as exc:  # any storage failure of this one object is this row's error
-        text = f"{type(exc).__name__}: {exc}"
-        denied = "ACCESS_DENIED" in text or "AccessDenied" in text
-        return RowError("access_denied" if denied else "read_error", text)
-    if len(data) > config.max_bytes:
-        return RowError("file_too_large", f"larger than the {config.max_bytes} byte cap")
-    return data
-
-
-def read_batch(batch: pa.Table, config: ReadConfig) -> pa.Table:
-    """Add ``data`` (the object's bytes, no decoding); read failures become error rows."""
-    uris = batch.column("image_uri").to_pylist()
-    status = batch.column("status").to_pylist()
-    todo = [i for i, s in enumerate(status) if s == "ok"]
-    data: list[bytes | None] = [None] * batch.num_rows
-    failures: dict[int, RowError] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(config.threads, len(todo)))) as pool:
-        results = pool.map(lambda i: _read_one(uris[i], config), todo)
-        for i, result in zip(todo, results, strict=True):
-            if isinstance(result, RowError):
-                failures[i] = result
-            else:
-                data[i] = result
-    batch = _set_errors(batch, failures)
-    return batch.append_column(READ_COLUMNS.field("data"), pa.array(data, pa.large_binary()))
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 2: decode + RGB + resize (CPU)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    image_sizes: dict[str, int]  # product line -> its model's input size
-    max_pixels: int
-
-
-def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
-    """Replace ``data`` by the original size and the resized RGB pixels of each image."""
-    data = batch.column("data").to_pylist()
-    lines = batch.column("product_line").to_pylist()
-    status = batch.column("status").to_pylist()
-    n = batch.num_rows
-    widths: list[int | None] = [None] * n
-    heights: list[int | None] = [None] * n
-    pixels: list[bytes | None] = [None] * n
-    sizes: list[int | None] = [None] * n
-    failures: dict[int, RowError] = {}
-    for i in range(n):
-        if status[i] != "ok":
-            continue
-        try:
-            array = decode_image(data[i], config.max_pixels)
-            size = config.image_sizes[lines[i]]
-            resized = resize_image(array, size)
-        except DecodeError as exc:
-            failures[i] = RowError(exc.reason, exc.message)
-            continue
-        except ValueError as exc:  # decoded, but not an image layout the model can take
-            failures[i] = RowError("unsupported_format", str(exc))
-            continue
-        heights[i], widths[i] = int(array.shape[0]), int(array.shape[1])
-        pixels[i], sizes[i] = resized.tobytes(), size
-    batch = _set_errors(batch.drop_columns(["data"]), failures)
-    columns = {"width": widths, "height": heights, "pixels": pixels, "size": sizes}
-    for field in DECODE_COLUMNS:
-        batch = batch.append_column(field, pa.array(columns[field.name], field.type))
-    return batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +84,7 @@ class LoadedLine(NamedTuple):
     head: DFRHead
     calibration: Calibration
     extractor_key: tuple[Any, ...]
+    precision: PrecisionSpec  # the calibration's: the backbone and head run at exactly this
 
 
 class Scored(NamedTuple):
@@ -292,6 +160,8 @@ class ScoringActor:
         calibration = calibration_of(meta)
         if calibration is None:
             raise ValueError(f"model {line}/{version} has no calibration (no thresholds)")
+        precision = calibration.precision_spec
+        precision.check(self.device)  # refuse (model_error rows) rather than mix precisions
         key = extractor_key(meta)
         extractor = self.extractors.get(key)
         if extractor is None:
@@ -301,7 +171,7 @@ class ScoringActor:
             self.extractors[key] = extractor
         check_extractor(extractor, meta)
         head = load_head(directory, meta).to(self.device).eval()
-        return LoadedLine(version, head, calibration, key)
+        return LoadedLine(version, head, calibration, key, precision)
 
     def _model(self, line: str) -> LoadedLine | None:
         if line not in self.lines and line not in self.failed:
@@ -313,32 +183,29 @@ class ScoringActor:
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def _to_device(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = normalize_batch(x)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     @torch.no_grad()
     def _score_group(
-        self, rows: list[int], lines: list[str], pixels: list[bytes], size: int, key: tuple
+        self,
+        rows: list[int],
+        lines: list[str],
+        pixels: list[bytes],
+        size: int,
+        group: tuple[tuple[Any, ...], PrecisionSpec],
     ) -> dict[int, Scored]:
-        """Rows sharing an extractor: one backbone forward for all of them, then each line's
-        head on its own rows."""
+        """Rows sharing an extractor and a precision: one backbone forward for all of them,
+        then each line's head on its own rows (dfr_core.inference, as calibration did)."""
+        key, precision = group
+        extractor = self.extractors[key]
         images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in rows])
-        with inference_mode(self.device):
-            feats = self.extractors[key](self._to_device(images))
-        feats = feats.float()  # heads run in fp32 so scores match the calibration's
+        maps = extract(extractor, to_model_input(images, self.device), precision)
         by_line: dict[str, list[int]] = {}
         for pos, i in enumerate(rows):
             by_line.setdefault(lines[i], []).append(pos)
         out: dict[int, Scored] = {}
         for line, positions in by_line.items():
             model = self.lines[line]
-            result = model.head(feats[positions])
+            subset = None if len(positions) == len(rows) else positions
+            result = head_output(model.head, extractor, maps, precision, subset)
             amaps = result.anomaly_map.float()
             scores = result.score.float().cpu().tolist()
             max_scores = result.max_score.float().cpu().tolist()
@@ -360,12 +227,15 @@ class ScoringActor:
         )[0, 0]
         threshold = scored.model.calibration.pixel_threshold
         opts = self.config.options
+        # Temp files go to the run's staging prefix, which the committing run deletes, so an
+        # actor killed mid-write leaves nothing beside the masks.
+        staging = outputs.staging_uri(self.config.output_uri, self.config.run_date)
         storage.write_bytes_atomic(
-            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts
+            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts, staging
         )
         if heat_uri is not None:
             png = outputs.encode_heatmap_png(full.cpu().numpy(), threshold)
-            storage.write_bytes_atomic(heat_uri, png, opts)
+            storage.write_bytes_atomic(heat_uri, png, opts, staging)
 
     def _score_batch(self, batch: pa.Table) -> tuple[dict[int, Scored], dict[int, RowError]]:
         """Score the batch's ok rows, grouped by extractor; rows of a broken model fail."""
@@ -374,7 +244,7 @@ class ScoringActor:
         pixels = batch.column("pixels").to_pylist()
         sizes = batch.column("size").to_pylist()
         failures: dict[int, RowError] = {}
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[tuple[tuple[Any, ...], PrecisionSpec], list[int]] = {}
         for i in range(batch.num_rows):
             if status[i] != "ok":
                 continue
@@ -382,7 +252,7 @@ class ScoringActor:
             if model is None:
                 failures[i] = RowError("model_error", self.failed[lines[i]])
             else:
-                groups.setdefault(model.extractor_key, []).append(i)
+                groups.setdefault((model.extractor_key, model.precision), []).append(i)
         scored: dict[int, Scored] = {}
         for key, rows in groups.items():
             scored.update(self._score_group(rows, lines, pixels, sizes[rows[0]], key))

@@ -222,3 +222,18 @@ def test_fit_restores_best_weights_on_fake_validation_losses(extractor, monkeypa
     final = result.model.head.state_dict()
     assert all(torch.equal(final[k], v) for k, v in snapshots[3].items())
     assert not all(torch.equal(final[k], v) for k, v in snapshots[5].items())
+
+
+def test_fused_score_reference_forward_equals_fast_path(fused):
+    """The global term through the fast path (pooled means rebuilt from RegionalMaps in the
+    reference channel order) equals the nn.Module reference forward."""
+    from dfr_core.inference import forward_batch
+    from dfr_core.preprocess import normalize_batch
+
+    model = fused.model.eval()
+    test = _images(3, 9)
+    with torch.no_grad():
+        ref = model(normalize_batch(torch.from_numpy(test)))
+    fast = forward_batch(model, test)
+    torch.testing.assert_close(fast.score, ref.score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.max_score, ref.max_score, rtol=1e-4, atol=1e-6)

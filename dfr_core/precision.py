@@ -1,0 +1,118 @@
+"""The precision contract: thresholds are only valid at the precision they were calibrated at.
+
+A calibration records its precision (fp32, or bf16/fp16 together with the kind of device it ran
+on). Scoring runs the backbone, the head and everything that defines a score at exactly that
+precision, or refuses with `PrecisionError`: scores are never silently computed in a mix of
+precisions (e.g. a bf16 CUDA backbone under fp32 CPU thresholds). fp32 is device-independent to
+float rounding (TF32 is switched off for it on CUDA), so an fp32 model scores alike on CPU and
+GPU nodes of one run; a reduced-precision model runs only on the device kind it was calibrated
+on. Models written before this field existed were calibrated in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+_DTYPES = {
+    Precision.FP32: torch.float32,
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+}
+
+
+class PrecisionError(RuntimeError):
+    """A model cannot be scored at its calibrated precision on this device."""
+
+
+def device_kind(device: torch.device) -> str:
+    """'cpu', or 'cuda:<device name>' (reduced-precision kernels differ between GPU models)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """What a model's thresholds were calibrated at; ``device_kind`` is None for fp32."""
+
+    dtype: Precision = Precision.FP32
+    device_kind: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def for_device(cls, precision: str | Precision, device: torch.device) -> PrecisionSpec:
+        """The spec a calibration at ``precision`` on ``device`` records."""
+        try:
+            p = Precision(precision)
+        except ValueError as exc:
+            raise ValueError(
+                f"unknown precision {precision!r}; use one of {[x.value for x in Precision]}"
+            ) from exc
+        spec = cls(p, None if p is Precision.FP32 else device_kind(device))
+        spec.check(device)
+        return spec
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PrecisionSpec:
+        """From model.json's calibration block; absent (older models) means fp32."""
+        if not data:
+            return cls()
+        return cls(Precision(data.get("dtype", "fp32")), data.get("device_kind"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype.value, "device_kind": self.device_kind}
+
+    def check(self, device: torch.device) -> None:
+        """Refuse a device on which this precision's scores would not match its thresholds."""
+        if self.dtype is Precision.FP32:
+            return
+        here = device_kind(device)
+        if self.device_kind != here:
+            raise PrecisionError(
+                f"model was calibrated at {self.dtype.value} on {self.device_kind}; this worker "
+                f"runs on {here}, where {self.dtype.value} scores would not match its thresholds "
+                "(score it on that device kind, or recalibrate it at fp32)"
+            )
+        if device.type == "cpu" and self.dtype is Precision.FP16:
+            raise PrecisionError("fp16 is not supported on CPU; use fp32 or bf16")
+        if device.type == "cuda" and self.dtype is Precision.BF16:
+            if not torch.cuda.is_bf16_supported():
+                raise PrecisionError(f"{here} does not support bf16")
+
+    def describe(self) -> str:
+        return (
+            self.dtype.value
+            if self.device_kind is None
+            else f"{self.dtype.value}@{self.device_kind}"
+        )
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """On CUDA, switch TF32 off for the duration (TF32 matmuls/convolutions are not fp32)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,0 +1,130 @@
+"""The exact fast path equals the reference computation (fp32, to float rounding).
+
+Reference: every layer pooled onto the grid (`FeatureExtractor`), standardised, the CAE's
+nn.Module forward, squared error (`DFRHead.error_grid` / `DFRHead.forward`). Fast path: coarse
+layers' first CAE layer at native resolution, BatchNorm and standardisation folded, positions in
+chunks (dfr_core.fastpath), through the shared batched forward (dfr_core.inference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfr_core.config import ModelConfig
+from dfr_core.fastpath import (
+    CHUNK_POSITIONS,
+    extract_regional,
+    fast_error_grid,
+    folded_head,
+    pooled_means,
+    reference_error_grid,
+)
+from dfr_core.inference import extract, forward_batch, head_output
+from dfr_core.model import DFRHead, DFRModel, build_extractor
+from dfr_core.precision import PrecisionSpec
+from dfr_core.preprocess import normalize_batch
+
+VGG19_12 = (
+    "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
+    "relu4_1", "relu4_2", "relu4_3", "relu4_4",
+)  # fmt: skip
+
+
+def _head(config: ModelConfig, channels: int, latent: int, seed: int = 0) -> DFRHead:
+    """A head with non-trivial BatchNorm statistics and feature statistics (as after training),
+    so that folding them is actually exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    head = DFRHead(config, channels, latent)
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+    head.set_feature_stats(
+        torch.rand(channels, generator=gen) * 2, torch.rand(channels, generator=gen) + 0.5
+    )
+    return head.eval()
+
+
+def _assert_close(fast: torch.Tensor, ref: torch.Tensor) -> None:
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, rtol=2e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vgg19_12():
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=128)
+    # VGG19 weights do not ship offline: an explicit random init, for equality only
+    return config, build_extractor(config, allow_random_init=True).eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    config = ModelConfig(image_size=256)  # the default backbone and layers, offline weights
+    return config, build_extractor(config).eval()
+
+
+def test_vgg19_12_error_grid_equals_reference(vgg19_12):
+    config, extractor = vgg19_12
+    assert extractor.channels == 3456
+    head = _head(config, extractor.channels, 64)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    maps = extract_regional(extractor, x)
+    assert [m.shape[-1] for m in maps.coarse] == [16]  # relu4_x: 16 x 16 under a 32 x 32 grid
+    _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
+
+
+def test_pooled_means_in_reference_channel_order(vgg19_12):
+    """The global score term's input: coarse layers are regrouped in the fast path, the means
+    must come back in the extractor's channel order."""
+    _, extractor = vgg19_12
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = extractor(x).mean(dim=(2, 3))
+    torch.testing.assert_close(pooled_means(extractor, extract_regional(extractor, x)), ref)
+
+
+@pytest.mark.parametrize("feature_norm", ["channel", "none"])
+def test_default_backbone_outputs_equal_reference(mobilenet, feature_norm):
+    config, extractor = mobilenet
+    config = ModelConfig(image_size=256, feature_norm=feature_norm)
+    head = _head(config, extractor.channels, 40, seed=3)
+    model = DFRModel(extractor, head).eval()
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (3, 256, 256, 3), generator=gen, dtype=torch.uint8)
+    assert (256 // 4) ** 2 > CHUNK_POSITIONS  # several position chunks per image
+    with torch.no_grad():
+        ref = model(normalize_batch(images))
+    fast = forward_batch(model, images.numpy())
+    _assert_close(fast.anomaly_map, ref.anomaly_map)
+    _assert_close(fast.score, ref.score)
+    sizes = [m.shape[-1] for m in extract_regional(extractor, normalize_batch(images)).coarse]
+    assert sizes == [32, 16]  # features.6 at 32, features.10 and .13 share 16: one R each
+
+
+def test_head_on_a_subset_of_rows_equals_whole_batch(mobilenet):
+    """The scoring actor runs one backbone pass and each line's head on its own rows."""
+    config, extractor = mobilenet
+    head = _head(config, extractor.channels, 40, seed=4)
+    x = normalize_batch(torch.randint(0, 256, (4, 256, 256, 3), dtype=torch.uint8))
+    spec = PrecisionSpec()
+    maps = extract(extractor, x, spec)
+    whole = head_output(head, extractor, maps, spec)
+    part = head_output(head, extractor, maps, spec, rows=[3, 1])
+    torch.testing.assert_close(part.anomaly_map, whole.anomaly_map[[3, 1]], rtol=1e-6, atol=1e-7)
+
+
+def test_folded_head_is_rebuilt_when_weights_change(mobilenet):
+    config, extractor = mobilenet
+    head = _head(config, extractor.channels, 16, seed=5)
+    x = normalize_batch(torch.randint(0, 256, (1, 256, 256, 3), dtype=torch.uint8))
+    before = folded_head(head, extractor)
+    assert folded_head(head, extractor) is before  # cached while the weights stay
+    with torch.no_grad():
+        head.cae.decoder[-1].weight.mul_(2.0)  # an optimiser step changes weights in place
+    assert folded_head(head, extractor) is not before
+    _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
