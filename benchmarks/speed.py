@@ -98,18 +98,19 @@ def child(method: str, images: int, batch: int, size: int, latent: int, threads:
     base = _rss_mb()  # the model and input are built; everything above this is activations
     with torch.no_grad():
         out = run()  # warm-up (allocator, lazy init)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = 0
         while n < images:
             run()
             n += batch
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ref = reference() if method != "reference" else out
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     return {
         "method": method,
         "ms_per_image": 1000 * elapsed / n,
+        "cpu_ms_per_image": 1000 * cpu / n,
         "peak_rss_mb": peak,
         "peak_over_model_mb": peak - base,
         "max_rel_diff": rel,
@@ -141,7 +142,11 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             rows[method].append(res)
-            print(f"round {r + 1} {method}: {res['ms_per_image']:.0f} ms/image", flush=True)
+            print(
+                f"round {r + 1} {method}: {res['ms_per_image']:.0f} ms/image, "
+                f"{res.get('cpu_ms_per_image', float('nan')):.0f} CPU ms/image",
+                flush=True,
+            )
     first = rows[args.methods[0]][0]
     print(
         f"\nVGG19 relu1_1..relu4_4 ({first['channels']} channels) -> grid {first['grid']}, "
@@ -149,27 +154,31 @@ def main() -> None:
         f"{args.rounds} alternating rounds, {args.threads} threads"
     )
     print(
-        "| method | ms/image (median; per round) | peak RSS MB | peak above model MB | "
-        "vs reference: speed-up (median of per-round ratios), memory | max rel. diff |"
+        "| method | ms/image (median; per round) | CPU ms/image | peak RSS MB | "
+        "peak above model MB | vs reference: speed-up wall, CPU (median of per-round "
+        "ratios), memory | max rel. diff |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     ref = rows.get("reference")
     for method, res in rows.items():
         ms = [x["ms_per_image"] for x in res]
         over = statistics.median(x["peak_over_model_mb"] for x in res)
         rss = statistics.median(x["peak_rss_mb"] for x in res)
+        cpu = statistics.median(x["cpu_ms_per_image"] for x in res)
         vs = "-"
         if ref:
-            speed = statistics.median(
-                a["ms_per_image"] / b["ms_per_image"] for a, b in zip(ref, res, strict=True)
+            pairs = list(zip(ref, res, strict=True))
+            speed = statistics.median(a["ms_per_image"] / b["ms_per_image"] for a, b in pairs)
+            cpu_speed = statistics.median(
+                a["cpu_ms_per_image"] / b["cpu_ms_per_image"] for a, b in pairs
             )
             ref_over = statistics.median(x["peak_over_model_mb"] for x in ref)
-            vs = f"{speed:.2f}x, {ref_over / max(over, 1.0):.1f}x"
+            vs = f"{speed:.2f}x, {cpu_speed:.2f}x, {ref_over / max(over, 1.0):.1f}x"
         rel = max(x["max_rel_diff"] for x in res)
         per_round = "; ".join(f"{m:.0f}" for m in ms)
         print(
-            f"| {method} | {statistics.median(ms):.0f} ({per_round}) | {rss:.0f} | {over:.0f} | "
-            f"{vs} | {rel:.1e} |"
+            f"| {method} | {statistics.median(ms):.0f} ({per_round}) | {cpu:.0f} | {rss:.0f} | "
+            f"{over:.0f} | {vs} | {rel:.1e} |"
         )
 
 
