@@ -1,15 +1,26 @@
-"""Speed and memory: VGG19 12-layer regional features + CAE at 256 px, ours vs the literal
-upsample-then-pool computation, in the same run on this CPU.
+"""Speed and memory of the paper's configuration: the reference computation against ours.
 
-    python benchmarks/speed.py --images 8 --batch 1
+    python benchmarks/speed.py --images 4 --rounds 3
 
-Three ways to compute the same (B, 3456, 64, 64) features:
-- ours: each layer pooled/interpolated at its native resolution (dfr_core.features);
-- literal-per-layer: the reference code's loop (upsample one layer to S x S, pool, concatenate);
-- literal-concat: upsample every layer to S x S, concatenate, then pool (the ~1 GB formulation).
-Each runs twice, features only and features + CAE, in its own subprocess so that peak RSS is
-measured cleanly (ru_maxrss of the child minus its RSS once the model is built). VGG19 runs with
-random weights here (no weights ship offline); time and memory do not depend on weight values.
+VGG19 relu1_1..relu4_4 (3456 channels), 256 px, CAE latent d = 200, batch 1, two threads; the
+per-position error grid of one image, computed four ways, each in its own subprocess (so peak
+RSS is clean), alternating method by method for ``--rounds`` rounds (the machine is shared:
+compare ratios within a round, not absolute times):
+
+- reference: the reference implementation's computation, as its code does it: all maps held,
+  each layer bilinearly upsampled to S x S (align_corners=True), averaged over 4 x 4 windows
+  by unfold + mean, concatenated onto the features so far; then the CAE (nn.Module,
+  conv/BN/ReLU) at every grid position and the squared error (`reference_features` below +
+  `DFRHead.error_grid`);
+- pooled (before this change): native-resolution pooling (`FeatureExtractor`) + the same head;
+- fast: the exact fast path (`dfr_core.fastpath`: coarse layers' first CAE layer at native
+  resolution, BN/standardisation folded, chunked positions) with a channels_last backbone;
+- fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision).
+
+"peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
+path's folded weights count as model). VGG19 uses random weights (none ship offline); time and
+memory do not depend on weight values. The fp32 methods' outputs are compared with the
+reference's in the same child (max relative difference, printed).
 """
 
 from __future__ import annotations
@@ -17,11 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
-METHODS = ("ours", "literal-per-layer", "literal-concat")
+METHODS = ("reference", "pooled", "fast", "fast-bf16")
+VGG19_12 = (
+    "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
+    "relu4_1", "relu4_2", "relu4_3", "relu4_4",
+)  # fmt: skip
 
 
 def _rss_mb() -> float:
@@ -32,58 +48,72 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def child(
-    method: str, with_cae: bool, images: int, batch: int, size: int, latent: int, threads: int
-) -> dict:
+def reference_features(maps: list, size: int, pool: int):  # noqa: ANN201 - torch is lazy here
+    """The reference code's regional features: upsample, unfold-mean, concatenate per layer."""
     import torch
     import torch.nn.functional as F
 
-    from dfr_core.cae import CAE
+    feats = torch.empty(maps[0].shape[0], 0, (size // pool) ** 2)
+    for fmap in maps:
+        up = F.interpolate(fmap, size=(size, size), mode="bilinear", align_corners=True)
+        cols = F.unfold(up, kernel_size=pool, stride=pool)  # (B, C * pool^2, L)
+        agg = cols.view(up.shape[0], up.shape[1], pool * pool, -1).mean(dim=2)
+        feats = torch.cat([feats, agg], dim=1)
+    return feats.view(feats.shape[0], feats.shape[1], size // pool, size // pool)
+
+
+def child(method: str, images: int, batch: int, size: int, latent: int, threads: int) -> dict:
+    import torch
+
     from dfr_core.config import ModelConfig
-    from dfr_core.features import literal_regional_features
-    from dfr_core.model import build_extractor
+    from dfr_core.device import prepare_for_device
+    from dfr_core.fastpath import extract_regional, folded_head
+    from dfr_core.model import DFRHead, build_extractor
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    extractor = build_extractor(
-        ModelConfig(backbone="vgg19", image_size=size), allow_random_init=True
-    )
-    cae = CAE(extractor.channels, latent).eval()
+    config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=size)
+    extractor = build_extractor(config, allow_random_init=True).eval()
+    head = DFRHead(config, extractor.channels, latent).eval()
     x = torch.randn(batch, 3, size, size)
+    dtype = torch.bfloat16 if method == "fast-bf16" else torch.float32
 
-    def features() -> torch.Tensor:
-        if method == "ours":
-            return extractor(x)
-        maps = extractor.backbone(x)
-        if method == "literal-per-layer":
-            return literal_regional_features(maps, size, 4)
-        up = [
-            F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True) for m in maps
-        ]
-        return F.avg_pool2d(torch.cat(up, dim=1), 4, 4)
+    def reference() -> torch.Tensor:
+        return head.error_grid(reference_features(extractor.backbone(x), size, 4))
 
-    def run() -> torch.Tensor:
-        with torch.no_grad():
-            feats = features()
-            if not with_cae:
-                return feats[:, 0]
-            return (cae(feats) - feats).pow(2).mean(dim=1)
+    if method.startswith("fast"):
+        extractor = prepare_for_device(extractor, torch.device("cpu"))  # channels_last
+        xin = x.contiguous(memory_format=torch.channels_last)
+        fold = folded_head(head, extractor, dtype)
+
+        def run() -> torch.Tensor:
+            return fold.error_grid(extract_regional(extractor, xin, dtype))
+    elif method == "pooled":
+
+        def run() -> torch.Tensor:
+            return head.error_grid(extractor(x))
+    else:
+        run = reference
 
     base = _rss_mb()  # the model and input are built; everything above this is activations
-    run()  # warm-up (allocator, lazy init)
-    t0 = time.perf_counter()
-    n = 0
-    while n < images:
-        out = run()
-        n += batch
-    elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with torch.no_grad():
+        out = run()  # warm-up (allocator, lazy init)
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = 0
+        while n < images:
+            run()
+            n += batch
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ref = reference() if method != "reference" else out
+    rel = ((out - ref).abs().max() / ref.abs().max()).item()
     return {
         "method": method,
-        "stage": "features + CAE" if with_cae else "features",
         "ms_per_image": 1000 * elapsed / n,
+        "cpu_ms_per_image": 1000 * cpu / n,
         "peak_rss_mb": peak,
         "peak_over_model_mb": peak - base,
+        "max_rel_diff": rel,
         "channels": extractor.channels,
         "grid": list(out.shape[-2:]),
     }
@@ -91,51 +121,64 @@ def child(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--images", type=int, default=4, help="timed images per child")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all methods")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--latent", type=int, default=256, help="CAE latent width d")
+    ap.add_argument("--latent", type=int, default=200, help="CAE latent width d")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    ap.add_argument("--cae", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    keys = ("images", "batch", "size", "latent", "threads")
     if args.child:
-        res = child(
-            args.child,
-            bool(args.cae),
-            args.images,
-            args.batch,
-            args.size,
-            args.latent,
-            args.threads,
-        )
-        print(json.dumps(res))
+        print(json.dumps(child(args.child, *(getattr(args, k) for k in keys))))
         return
-    rows = []
-    for with_cae in (0, 1):
-        for method in METHODS:
-            cmd = [sys.executable, __file__, "--child", method, f"--cae={with_cae}"] + [
-                f"--{k}={getattr(args, k)}"
-                for k in ("images", "batch", "size", "latent", "threads")
-            ]
+    rows: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for r in range(args.rounds):
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--child", method]
+            cmd += [f"--{k}={getattr(args, k)}" for k in keys]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[method].append(res)
+            print(
+                f"round {r + 1} {method}: {res['ms_per_image']:.0f} ms/image, "
+                f"{res.get('cpu_ms_per_image', float('nan')):.0f} CPU ms/image",
+                flush=True,
+            )
+    first = rows[args.methods[0]][0]
     print(
-        f"VGG19 relu1_1..relu4_4 ({rows[0]['channels']} channels) -> grid {rows[0]['grid']}, "
-        f"CAE d={args.latent}, {args.size} px, batch {args.batch}, {args.images} images, "
-        f"{args.threads} threads"
+        f"\nVGG19 relu1_1..relu4_4 ({first['channels']} channels) -> grid {first['grid']}, "
+        f"CAE d={args.latent}, {args.size} px, batch {args.batch}, {args.images} images x "
+        f"{args.rounds} alternating rounds, {args.threads} threads"
     )
     print(
-        "| stage | method | ms/image | peak RSS MB | peak above model MB | vs ours: time, memory |"
+        "| method | ms/image (median; per round) | CPU ms/image | peak RSS MB | "
+        "peak above model MB | vs reference: speed-up wall, CPU (median of per-round "
+        "ratios), memory | max rel. diff |"
     )
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        ours = next(o for o in rows if o["stage"] == r["stage"] and o["method"] == "ours")
-        ratio_t = r["ms_per_image"] / ours["ms_per_image"]
-        ratio_m = r["peak_over_model_mb"] / max(ours["peak_over_model_mb"], 1.0)
+    print("|---|---|---|---|---|---|---|")
+    ref = rows.get("reference")
+    for method, res in rows.items():
+        ms = [x["ms_per_image"] for x in res]
+        over = statistics.median(x["peak_over_model_mb"] for x in res)
+        rss = statistics.median(x["peak_rss_mb"] for x in res)
+        cpu = statistics.median(x["cpu_ms_per_image"] for x in res)
+        vs = "-"
+        if ref:
+            pairs = list(zip(ref, res, strict=True))
+            speed = statistics.median(a["ms_per_image"] / b["ms_per_image"] for a, b in pairs)
+            cpu_speed = statistics.median(
+                a["cpu_ms_per_image"] / b["cpu_ms_per_image"] for a, b in pairs
+            )
+            ref_over = statistics.median(x["peak_over_model_mb"] for x in ref)
+            vs = f"{speed:.2f}x, {cpu_speed:.2f}x, {ref_over / max(over, 1.0):.1f}x"
+        rel = max(x["max_rel_diff"] for x in res)
+        per_round = "; ".join(f"{m:.0f}" for m in ms)
         print(
-            f"| {r['stage']} | {r['method']} | {r['ms_per_image']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_over_model_mb']:.0f} | {ratio_t:.2f}x, {ratio_m:.1f}x |"
+            f"| {method} | {statistics.median(ms):.0f} ({per_round}) | {cpu:.0f} | {rss:.0f} | "
+            f"{over:.0f} | {vs} | {rel:.1e} |"
         )
 
 

@@ -3,11 +3,14 @@
     python benchmarks/throughput.py --n 1000 --n 10000
 
 For each N, one fresh subprocess (so peak memory is per case, not carried over) measures:
-- bare: read + decode + resize + model forward (backbone + head) in one process, same batch
-  size and the same torch threads as each scoring actor (``--torch-threads``), before and after
-  the jobs (averaged);
+- bare: read + decode + resize + model forward (the shared batched forward of
+  dfr_core.inference) in one plain process, same batch size, ``--bare-threads`` torch threads
+  (default: every CPU), before and after the jobs (averaged);
 - job-local: run_score_job over a Parquet listing of N local files (Ray Data, local Ray);
 - job-s3: the same listing with the images on a local moto S3 server.
+
+The job runs with the scoring CLI's defaults unless flags are given: actors, CPUs per actor,
+decode CPUs and torch threads sized from the cluster (pipeline.resources; printed).
 
 Job figures are whole-job images/s (scoring stage wall time: actor start, model load,
 streaming, Parquet and masks included). Wall time on a shared machine depends on what else
@@ -195,24 +198,21 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     import torch
 
     from dfr_core.artifact import load_model
-    from dfr_core.device import inference_mode
-    from dfr_core.preprocess import normalize_batch, resize_image
+    from dfr_core.inference import forward_batch
+    from dfr_core.resize import resize_image
     from pipeline import registry, storage
     from pipeline.imageio import decode_image
 
     loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
     model, size = loaded.model.eval(), loaded.model.config.image_size
     uris = pq.read_table(listing).column("image_uri").to_pylist()[:limit]
-    device = torch.device("cpu")
+    model.extractor.to(memory_format=torch.channels_last)  # as the scoring actor prepares it
     t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(uris), batch):
         arrays = [
             resize_image(decode_image(storage.read_bytes(u)), size) for u in uris[i : i + batch]
         ]
-        x = normalize_batch(torch.from_numpy(np.stack(arrays)))
-        with inference_mode(device):
-            feats = model.extractor(x)
-        model.head(feats.float())
+        forward_batch(model, np.stack(arrays))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {
         "images": len(uris),
@@ -222,10 +222,10 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     }
 
 
-def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: str) -> dict:
-    from pipeline.score_job import ScoreJobConfig, run_score_job
+def _config(models: str, listing: Path, out: str, args: argparse.Namespace, cache: str):  # noqa: ANN202
+    from pipeline.score_job import ScoreJobConfig
 
-    config = ScoreJobConfig(
+    return ScoreJobConfig(
         models_uri=models,
         input_uri=str(listing),
         output_uri=out,
@@ -239,6 +239,12 @@ def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: 
         cache_dir=cache,
         quiet=True,
     )
+
+
+def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: str) -> dict:
+    from pipeline.score_job import run_score_job
+
+    config = _config(models, listing, out, args, cache)
     with ProcessTree() as tree:
         t0 = time.perf_counter()
         summary = run_score_job(config)
@@ -261,7 +267,7 @@ def child(args: argparse.Namespace) -> None:
 
     work = Path(args.work)
     cache = str(work / "cache")
-    torch.set_num_threads(args.torch_threads)  # the bare model and each actor alike
+    torch.set_num_threads(args.bare_threads or os.cpu_count())
     local_listing = work / f"local-{args.case_n}.parquet"
     limit = min(args.case_n, args.bare_limit)
     result: dict = {"n": args.case_n}
@@ -269,6 +275,15 @@ def child(args: argparse.Namespace) -> None:
     # neither side of the ratio.
     before = _bare(args.models, local_listing, args.batch, limit, cache)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    from pipeline.resources import ClusterShape, plan_resources
+    from pipeline.score_job import resource_request
+
+    plan = plan_resources(
+        resource_request(_config(args.models, local_listing, "-", args, cache)),
+        ClusterShape.from_ray(),
+        _config(args.models, local_listing, "-", args, cache).max_pixels,
+    )
+    result["resources"] = plan.describe()
     for source in ("local", "s3"):
         listing = work / f"{source}-{args.case_n}.parquet"
         out = str(work / f"out-{source}-{args.case_n}")
@@ -300,17 +315,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="images per case (repeatable)")
     parser.add_argument("--size", type=int, default=256, help="model input size")
     parser.add_argument("--image-px", type=int, default=320, help="source image size")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--actors", type=int, default=1, help="scoring actors (fixed pool)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--decode-cpus", type=float, default=0.5)
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="intra-op threads of the bare model and of each actor (1: robust on a shared box, "
-        "where OpenMP threads waiting on a descheduled peer cost more than they gain)",
-    )
+    parser.add_argument("--batch", type=int, default=32, help="the scoring job's default")
+    parser.add_argument("--actors", type=int, default=None, help="default: sized (fixed pool)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None, help="default: sized")
+    parser.add_argument("--decode-cpus", type=float, default=None, help="default: sized")
+    parser.add_argument("--torch-threads", type=int, default=None, help="per actor; sized")
+    parser.add_argument("--bare-threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument(
         "--bare-limit",
         type=int,
@@ -361,17 +371,12 @@ def main() -> None:
             str(work),
             "--batch",
             str(args.batch),
-            "--actors",
-            str(args.actors),
-            "--cpus-per-actor",
-            str(args.cpus_per_actor),
-            "--decode-cpus",
-            str(args.decode_cpus),
-            "--torch-threads",
-            str(args.torch_threads),
             "--bare-limit",
             str(args.bare_limit),
         ]
+        for flag in ("actors", "cpus_per_actor", "decode_cpus", "torch_threads", "bare_threads"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -383,9 +388,8 @@ def main() -> None:
 
     print(
         f"\nmobilenet_v2 default layers, {args.size} px, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs, source images {args.image_px} px PNG, {args.actors} actor(s) x "
-        f"{args.cpus_per_actor} CPU, decode tasks {args.decode_cpus} CPU, "
-        f"torch threads {args.torch_threads}"
+        f"{os.cpu_count()} CPUs, source images {args.image_px} px PNG, bare: "
+        f"{args.bare_threads or os.cpu_count()} torch threads; job: {results[0]['resources']}"
     )
     print(
         "| images | bare img/s | job local img/s (ratio) | job S3 img/s (ratio) "

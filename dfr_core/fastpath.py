@@ -38,13 +38,12 @@ class RegionalMaps(NamedTuple):
     """One backbone pass, shared by every head trained on that extractor.
 
     ``fine``: (B, C_fine, G, G) pooled features of the layers at or finer than the grid;
-    ``coarse_pooled``: (B, C_coarse, G, G) the coarse layers pooled onto the grid (the
-    reconstruction target needs them); ``coarse``: per native size n, the (B, c_n, n, n) maps.
-    Channel order: fine layers then coarse layers grouped by native size (see `channel_order`).
+    ``coarse``: per native size n, the (B, c_n, n, n) maps of the layers coarser than the grid
+    (mapped onto the grid band by band, never whole: see `FoldedHead.error_grid`).
+    Channel order: fine layers then coarse layers grouped by native size (see `_layout`).
     """
 
     fine: torch.Tensor
-    coarse_pooled: torch.Tensor
     coarse: tuple[torch.Tensor, ...]
 
 
@@ -113,21 +112,16 @@ def extract_regional(
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
         for fmap in maps:
             with _autocast(x.device, None):
-                fmap = fmap.float()
+                # channels_last maps (the backbone's fast layout) pool slowly: NCHW first
+                fmap = fmap.float().contiguous()
                 if fmap.shape[-1] >= grid:
                     fine.append(extractor.pooling.pool_one(fmap))
                 else:
                     coarse.setdefault(fmap.shape[-1], []).append(fmap)
-    b = x.shape[0]
     sizes = sorted(coarse, reverse=True)
     natives = tuple(torch.cat(coarse[n], dim=1) for n in sizes)
-    pooled = [extractor.pooling.pool_one(m) for m in natives]
-    empty = x.new_zeros(b, 0, grid, grid, dtype=torch.float32)
-    return RegionalMaps(
-        torch.cat(fine, dim=1) if fine else empty,
-        torch.cat(pooled, dim=1) if pooled else empty,
-        natives,
-    )
+    empty = x.new_zeros(x.shape[0], 0, grid, grid, dtype=torch.float32)
+    return RegionalMaps(torch.cat(fine, dim=1) if fine else empty, natives)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
@@ -215,24 +209,32 @@ class FoldedHead:
         self.inv_std = inv_std[:, None].float()
         self.channels = channels
 
-    def _coarse_first_layer(self, maps: RegionalMaps, b: int) -> torch.Tensor | None:
-        """Image b's first-layer contribution of the coarse layers, at native resolution,
-        then mapped onto the grid by R: (H1, G*G) fp32, or None without coarse layers."""
-        total = None
-        for w, native in zip(self.w1_coarse, maps.coarse, strict=True):
-            n = native.shape[-1]
-            y = (w @ native[b].flatten(1).to(self.dtype)).float().view(1, -1, n, n)
-            part = self.pooling.pool_one(y)[0].flatten(1)
-            total = part if total is None else total.add_(part)
-        return total
+    def _band(self, native: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Grid rows r0:r1 of the regional operator applied to (c, n, n): (c, (r1-r0)*G)."""
+        n = native.shape[-1]
+        mat = self.pooling._matrix(n, native)
+        return torch.matmul(torch.matmul(mat[r0:r1], native), mat.T).flatten(1)
 
     def _chunk(
-        self, fine: torch.Tensor, coarse_pooled: torch.Tensor, h1_coarse: torch.Tensor | None
+        self,
+        fine: torch.Tensor,
+        coarse: list[torch.Tensor],
+        first_coarse: list[torch.Tensor],
+        r0: int,
+        r1: int,
     ) -> torch.Tensor:
-        """Error of one chunk of positions: inputs (C_*, p) fp32 -> (p,) fp32."""
-        nf = self.layout.n_fine
+        """Error of grid rows r0:r1 of one image -> ((r1-r0)*G,) fp32.
+
+        ``fine``: (C_fine, G*G) pooled; ``coarse``: per native size, (c_n, n, n) maps;
+        ``first_coarse``: per native size, the first layer's (H1, n, n) contribution at native
+        resolution. Only this band's rows are mapped onto the grid.
+        """
+        g, nf = self.grid, self.layout.n_fine
+        fine = fine[:, r0 * g : r1 * g]
         h = (self.w1_fine @ fine.to(self.dtype)).float() if nf else None
-        h = h1_coarse if h is None else (h if h1_coarse is None else h.add_(h1_coarse))
+        for part in first_coarse:
+            band = self._band(part, r0, r1)
+            h = band if h is None else h.add_(band)
         h = h.add_(self.b1)
         if self.first_relu:
             h = h.relu_()
@@ -242,9 +244,15 @@ class FoldedHead:
             if layer.relu:
                 h = h.relu_()
         diff = (self.w_last @ h).float().add_(self.b_last)
-        # minus the standardised target, fine rows then coarse rows (no concatenated copy)
+        # minus the standardised target, fine rows then each coarse group (no concatenation)
         diff[:nf].addcmul_(fine, self.inv_std[:nf], value=-1.0)
-        diff[nf:].addcmul_(coarse_pooled, self.inv_std[nf:], value=-1.0)
+        start = nf
+        for native in coarse:
+            stop = start + native.shape[0]
+            diff[start:stop].addcmul_(
+                self._band(native, r0, r1), self.inv_std[start:stop], value=-1.0
+            )
+            start = stop
         return diff.pow_(2).sum(dim=0).div_(self.channels)
 
     @torch.no_grad()
@@ -253,16 +261,20 @@ class FoldedHead:
         sizes = tuple(m.shape[-1] for m in maps.coarse)
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
-        out = torch.empty(b, g * g, device=maps.fine.device)
+        rows = max(1, CHUNK_POSITIONS // g)
+        out = torch.empty(b, g, g, device=maps.fine.device)
         for i in range(b):
             fine = maps.fine[i].flatten(1)
-            coarse = maps.coarse_pooled[i].flatten(1)
-            h1c = self._coarse_first_layer(maps, i)
-            for p in range(0, g * g, CHUNK_POSITIONS):
-                q = min(p + CHUNK_POSITIONS, g * g)
-                part = h1c[:, p:q] if h1c is not None else None
-                out[i, p:q] = self._chunk(fine[:, p:q], coarse[:, p:q], part)
-        return out.view(b, g, g)
+            coarse = [m[i] for m in maps.coarse]
+            # the widest matmul, on the coarse layers' native positions (exact: R is linear)
+            first = [
+                (w @ m.flatten(1).to(self.dtype)).float().view(-1, *m.shape[-2:])
+                for w, m in zip(self.w1_coarse, coarse, strict=True)
+            ]
+            for r0 in range(0, g, rows):
+                r1 = min(r0 + rows, g)
+                out[i, r0:r1] = self._chunk(fine, coarse, first, r0, r1).view(r1 - r0, g)
+        return out
 
 
 def _state_key(head: nn.Module, dtype: torch.dtype) -> tuple:

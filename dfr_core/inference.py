@@ -53,9 +53,7 @@ def head_output(
     if rows is not None:
         index = torch.as_tensor(list(rows), device=maps.fine.device)
         maps = RegionalMaps(
-            maps.fine.index_select(0, index),
-            maps.coarse_pooled.index_select(0, index),
-            tuple(m.index_select(0, index) for m in maps.coarse),
+            maps.fine.index_select(0, index), tuple(m.index_select(0, index) for m in maps.coarse)
         )
     with exact_fp32(maps.fine.device):
         grid = folded_head(head, extractor, precision.torch_dtype).error_grid(maps)

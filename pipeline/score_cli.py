@@ -90,15 +90,34 @@ def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
 @click.option("--run-id", default=None, help="Default: derived from the date and the content.")
 @click.option("--products", default="", help="Comma-separated product lines; default: all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--actors", default="1", show_default=True, help="Scoring actors: N or MIN:MAX.")
-@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--cpus-per-actor", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option(
+    "--actors",
+    default=None,
+    help="Scoring actors: N or MIN:MAX; default: one per GPU, else one per 8 CPUs per node.",
+)
+@click.option(
+    "--gpus-per-actor",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Default: 1 when the cluster has GPUs, else 0.",
+)
+@click.option(
+    "--cpus-per-actor",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Default: 1 with GPUs, else the node's CPUs less a decode reserve, per actor.",
+)
 @click.option(
     "--decode-cpus",
     type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="CPUs per read/decode task.",
+    default=None,
+    help="CPUs per read/decode task (default 0.25). Decoding never runs in the actors.",
+)
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads per actor; default: the node's CPUs / its actors (1 with a GPU).",
 )
 @click.option("--masks", type=click.Choice(MASK_MODES), default="anomalous", show_default=True)
 @click.option("--heatmaps", is_flag=True, help="Also write a heatmap PNG beside each mask.")
@@ -133,10 +152,11 @@ def score(
     run_id: str | None,
     products: str,
     batch_size: int,
-    actors: str,
-    gpus_per_actor: float,
-    cpus_per_actor: float,
-    decode_cpus: float,
+    actors: str | None,
+    gpus_per_actor: float | None,
+    cpus_per_actor: float | None,
+    decode_cpus: float | None,
+    torch_threads: int | None,
     masks: str,
     heatmaps: bool,
     shard_size: int,
@@ -148,7 +168,7 @@ def score(
     quiet: bool,
 ) -> None:
     """Score images with each product line's LATEST model; write Parquet scores and PNG masks."""
-    min_actors, max_actors = parse_actors(actors)
+    min_actors, max_actors = parse_actors(actors) if actors else (None, None)
     try:
         config = ScoreJobConfig(
             models_uri=models_uri,
@@ -163,6 +183,7 @@ def score(
             cpus_per_actor=cpus_per_actor,
             gpus_per_actor=gpus_per_actor,
             decode_cpus=decode_cpus,
+            torch_threads=torch_threads,
             masks=masks,
             heatmaps=heatmaps,
             shard_size=shard_size,

@@ -18,9 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -34,18 +34,14 @@ from pipeline import listing as listing_mod
 from pipeline.drift import DriftConfig, LineDrift
 from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
+from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing import Listing
 from pipeline.ray_runtime import init_ray
+from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
+from pipeline.score_graph import build_dataset
 from pipeline.score_resume import score_pending, tidy_committed
-from pipeline.score_stages import (
-    DecodeConfig,
-    ReadConfig,
-    ScoringActor,
-    ScoringConfig,
-    decode_batch,
-    read_batch,
-)
+from pipeline.score_stages import ScoringConfig
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -79,13 +75,14 @@ class ScoreJobConfig:
     run_id: str | None = None  # None: derived from the date and the run's content
     products: tuple[str, ...] = ()  # empty: every product line in the input
     batch_size: int = 32
-    min_actors: int = 1
-    max_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    decode_cpus: float = 1.0  # per read/decode task
+    # Resources: None sizes the figure from the cluster (pipeline.resources.plan_resources).
+    min_actors: int | None = None
+    max_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    decode_cpus: float | None = None  # per read/decode task
     read_threads: int = 16  # concurrent object reads per read task (S3 is latency bound)
-    torch_threads: int | None = None  # intra-op threads per actor; None: torch's default
+    torch_threads: int | None = None  # intra-op threads per actor
     masks: str = "anomalous"  # which ok rows get a mask: anomalous | all | none
     heatmaps: bool = False  # also write a colour heatmap beside each mask
     shard_size: int = 1000  # rows per committed output file
@@ -117,13 +114,23 @@ class ScoreJobConfig:
             storage.safe_component(line, "product line")
         if self.masks not in outputs.MASK_MODES:
             raise ValueError(f"masks must be one of {outputs.MASK_MODES}, got {self.masks!r}")
-        for name in ("batch_size", "min_actors", "read_threads", "shard_size", "max_bytes"):
+        for name in ("batch_size", "read_threads", "shard_size", "max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_actors < self.min_actors:
+        for name in ("min_actors", "max_actors", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (
+            self.min_actors is not None
+            and self.max_actors is not None
+            and self.max_actors < self.min_actors
+        ):
             raise ValueError(f"max_actors {self.max_actors} < min_actors {self.min_actors}")
-        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.decode_cpus <= 0:
-            raise ValueError("cpus_per_actor/gpus_per_actor must be >= 0, decode_cpus > 0")
+        for name in ("cpus_per_actor", "gpus_per_actor"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.decode_cpus is not None and self.decode_cpus <= 0:
+            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.stop_after_shards is not None and self.stop_after_shards < 1:
@@ -371,6 +378,18 @@ def _ensure_ray(address: str | None) -> bool:
     return init_ray(address)
 
 
+def resource_request(config: ScoreJobConfig) -> ResourceRequest:
+    """The figures the user gave (None: sized from the cluster)."""
+    return ResourceRequest(
+        min_actors=config.min_actors,
+        max_actors=config.max_actors,
+        cpus_per_actor=config.cpus_per_actor,
+        gpus_per_actor=config.gpus_per_actor,
+        decode_cpus=config.decode_cpus,
+        torch_threads=config.torch_threads,
+    )
+
+
 def _execute(
     config: ScoreJobConfig,
     table: pa.Table,
@@ -382,7 +401,7 @@ def _execute(
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Score the pending shards through Ray Data; returns the markers of the shards committed."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     started = _ensure_ray(config.address)
     try:
@@ -417,40 +436,11 @@ def _execute(
             torch_threads=config.torch_threads,
             write_threads=8,
         )
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            read_batch,
-            fn_kwargs={"config": read},
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            num_cpus=config.decode_cpus,
-        )
-        ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={"config": decode},
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            num_cpus=config.decode_cpus,
-        )
-        with warnings.catch_warnings():
-            # max_restarts has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
-            # without a replacement for it); the deprecation line would print on every run.
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(
-                ScoringActor,
-                fn_constructor_kwargs={"config": scoring},
-                compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-                batch_format="pyarrow",
-                batch_size=config.batch_size,
-                num_cpus=config.cpus_per_actor,
-                num_gpus=config.gpus_per_actor,
-                # Ray Data passes its own object-store refs to every actor constructor; with
-                # restarts on, Ray logs an error-level "constructor arguments in the object store
-                # and max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead
-                # actor fails the execution instead and the run resumes from its committed
-                # shards (pipeline.score_resume), which is what a restart would do anyway.
-                max_restarts=0,
-            )
+        plan = plan_resources(resource_request(config), ClusterShape.from_ray(), config.max_pixels)
+        scoring = replace(scoring, torch_threads=plan.torch_threads)
+        if not config.quiet:
+            print(f"resources: {plan.describe()}", file=sys.stderr)
+        ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
         writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)

@@ -1,0 +1,71 @@
+"""The Ray Data graph of the scoring job: read + decode tasks, then the scoring actor pool.
+
+Kept apart from the job's bookkeeping (score_job) so that the graph Ray will execute can be
+built and inspected (``Dataset.explain()``) without running it: the tests check on the built
+plan that decoding is never fused into the scoring actors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.io_stages import DecodeConfig, ReadConfig, decode_batch, read_batch
+from pipeline.resources import ResourcePlan
+
+
+def build_dataset(
+    blocks: list[pa.Table],
+    read: ReadConfig,
+    decode: DecodeConfig,
+    scoring: Any,  # score_stages.ScoringConfig (not imported here: that module imports torch)
+    plan: ResourcePlan,
+    batch_size: int,
+) -> Any:
+    """blocks -> read -> decode (tasks, torch-free) -> ScoringActor pool; not yet executed."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.score_stages import ScoringActor
+
+    # Equal remote args would let Ray fuse decoding into the actors; the memory reservation
+    # (which the actors do not declare) keeps the stages apart, see pipeline.resources.
+    task_args = {"num_cpus": plan.decode_cpus, "memory": plan.decode_memory}
+    ds = ray.data.from_arrow(blocks)
+    for fn, cfg in ((read_batch, read), (decode_batch, decode)):
+        ds = ds.map_batches(
+            fn, fn_kwargs={"config": cfg}, batch_format="pyarrow", batch_size=batch_size,
+            **task_args,
+        )  # fmt: skip
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
+        # without a replacement for it); the deprecation line would print on every run.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"config": scoring},
+            compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            num_cpus=plan.cpus_per_actor,
+            num_gpus=plan.gpus_per_actor,
+            # Ray Data passes its own object-store refs to every actor constructor; with
+            # restarts on, Ray logs an error-level "constructor arguments in the object store
+            # and max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead
+            # actor fails the execution instead and the run resumes from its committed
+            # shards (pipeline.score_resume), which is what a restart would do anyway.
+            max_restarts=0,
+        )
+
+
+def physical_plan(ds: Any) -> str:
+    """The optimised physical plan Ray Data will run (the part after its last header)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ds.explain()
+    return out.getvalue().rsplit("-------- Physical Plan (Optimized) --------", 1)[-1].strip()

@@ -1,0 +1,121 @@
+"""The precision contract: thresholds hold at the precision they were calibrated at.
+
+model.json records it (in the calibration block); loading restores it; the shared forward runs
+at it; the scoring actor refuses a model whose reduced precision was calibrated on another
+device kind (its rows become model_error rows), never mixing precisions silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfr_core.artifact import CONFIG_FILE, load_model, read_metadata, save_model
+from dfr_core.calibrate import calibrate, compute_maps
+from dfr_core.config import ModelConfig
+from dfr_core.model import DFRHead, DFRModel, build_extractor
+from dfr_core.precision import Precision, PrecisionError, PrecisionSpec
+from pipeline import registry
+from pipeline.score_stages import ScoringActor, ScoringConfig
+
+SIZE = 64
+LINE = "plate"
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model() -> DFRModel:
+    config = ModelConfig(image_size=SIZE)
+    extractor = build_extractor(config).eval()
+    torch.manual_seed(0)
+    head = DFRHead(config, extractor.channels, 8).eval()
+    head.set_feature_stats(torch.rand(extractor.channels), torch.rand(extractor.channels) + 0.5)
+    return DFRModel(extractor, head).eval()
+
+
+def test_spec_rules():
+    cpu = torch.device("cpu")
+    assert PrecisionSpec.from_dict(None) == PrecisionSpec()  # older models: fp32
+    assert PrecisionSpec.for_device("fp32", cpu).device_kind is None
+    bf16 = PrecisionSpec.for_device("bf16", cpu)
+    assert (bf16.dtype, bf16.device_kind) == (Precision.BF16, "cpu")
+    assert PrecisionSpec.from_dict(bf16.to_dict()) == bf16
+    with pytest.raises(PrecisionError, match="calibrated at bf16 on cuda:NVIDIA H200"):
+        PrecisionSpec(Precision.BF16, "cuda:NVIDIA H200").check(cpu)
+    with pytest.raises(PrecisionError, match="fp16 is not supported on CPU"):
+        PrecisionSpec.for_device("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        PrecisionSpec.for_device("int8", cpu)
+
+
+def test_recorded_restored_and_enforced(model, tmp_path):
+    normal = _images(4, 1)
+    cal32 = calibrate(model, normal)
+    assert cal32.precision == {"dtype": "fp32", "device_kind": None}
+    cal16 = calibrate(model, normal, precision="bf16")
+    assert cal16.precision == {"dtype": "bf16", "device_kind": "cpu"}
+    assert model.precision.dtype is Precision.BF16  # predict now runs where it was calibrated
+    assert cal16.pixel_threshold != cal32.pixel_threshold  # really computed at bf16
+    save_model(model, tmp_path, cal16)
+    meta = read_metadata(tmp_path)
+    assert meta["calibration"]["precision"] == {"dtype": "bf16", "device_kind": "cpu"}
+    loaded = load_model(tmp_path).model
+    assert loaded.precision == PrecisionSpec(Precision.BF16, "cpu")
+    images = _images(2, 2)
+    bf16 = compute_maps(model, images, precision=PrecisionSpec(Precision.BF16, "cpu"))
+    fp32 = compute_maps(model, images, precision=PrecisionSpec())
+    again = compute_maps(loaded, images)  # no precision given: the model's own
+    torch.testing.assert_close(again.anomaly_map, bf16.anomaly_map, rtol=0, atol=0)
+    assert not torch.equal(again.anomaly_map, fp32.anomaly_map)
+    predicted = loaded.predict(list(images))
+    torch.testing.assert_close(predicted.score, bf16.score, rtol=0, atol=0)
+
+
+def test_older_model_without_the_field_is_fp32(model, tmp_path):
+    save_model(model, tmp_path, calibrate(model, _images(3, 3)))
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del meta["calibration"]["precision"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = load_model(tmp_path)
+    assert loaded.calibration.precision_spec == PrecisionSpec()
+    assert loaded.model.precision == PrecisionSpec()
+
+
+def _actor(tmp_path: Path, model: DFRModel, precision: dict) -> ScoringActor:
+    directory = tmp_path / "artifact"
+    cal = calibrate(model, _images(3, 4))
+    cal = type(cal)(**{**cal.__dict__, "precision": precision})
+    save_model(model, directory, cal)
+    models = str(tmp_path / "models")
+    version = registry.publish(directory, models, LINE)
+    config = ScoringConfig(
+        models_uri=models, models={LINE: version}, cache_dir=str(tmp_path / "cache"),
+        options=None, output_uri=str(tmp_path / "out"), run_date="2024-01-01", run_id="r",
+        masks="none", heatmaps=False, torch_threads=1, write_threads=1,
+    )  # fmt: skip
+    return ScoringActor(config)
+
+
+def test_scoring_actor_refuses_a_precision_from_another_device_kind(model, tmp_path):
+    actor = _actor(tmp_path, model, {"dtype": "bf16", "device_kind": "cuda:NVIDIA H200"})
+    assert actor._model(LINE) is None
+    assert "calibrated at bf16 on cuda:NVIDIA H200" in actor.failed[LINE]
+
+
+def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path):
+    actor = _actor(tmp_path, model, {"dtype": "bf16", "device_kind": "cpu"})
+    images = _images(3, 5)
+    pixels = [img.tobytes() for img in images]
+    assert actor._model(LINE) is not None
+    scored = actor._score_group([0, 1, 2], [LINE] * 3, pixels, SIZE, (
+        actor.lines[LINE].extractor_key, actor.lines[LINE].precision))  # fmt: skip
+    expect = compute_maps(model, images, precision=PrecisionSpec(Precision.BF16, "cpu"))
+    assert [scored[i].score for i in range(3)] == pytest.approx(expect.score.tolist(), abs=0)

@@ -1,0 +1,44 @@
+"""Resource sizing of the scoring job from the cluster's shape (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
+
+MP = 64_000_000
+
+
+def test_two_cpus_one_actor_using_both_cores_and_a_separate_decode_share():
+    plan = plan_resources(ResourceRequest(), ClusterShape((2.0,), (0.0,)), MP)
+    assert (plan.min_actors, plan.max_actors) == (1, 1)
+    assert plan.gpus_per_actor == 0 and plan.torch_threads == 2
+    assert plan.cpus_per_actor + plan.decode_cpus <= 2.0  # a decode task always fits beside it
+    assert plan.decode_cpus != plan.cpus_per_actor and plan.decode_memory > 0
+
+
+def test_big_cpu_nodes_get_several_actors_each():
+    plan = plan_resources(ResourceRequest(), ClusterShape((32.0, 32.0), (0.0, 0.0)), MP)
+    assert plan.max_actors == 8 and plan.torch_threads == 8
+    assert plan.cpus_per_actor * 4 + plan.decode_cpus <= 32
+
+
+def test_gpus_one_actor_per_gpu_and_nodes_without_gpus_do_not_count():
+    plan = plan_resources(ResourceRequest(), ClusterShape((8.0, 8.0, 4.0), (1.0, 2.0, 0.0)), MP)
+    assert (plan.max_actors, plan.gpus_per_actor, plan.cpus_per_actor) == (3, 1.0, 1.0)
+    assert plan.torch_threads == 1
+
+
+@pytest.mark.parametrize(
+    "request_, expect",
+    [
+        (ResourceRequest(min_actors=1, max_actors=3), {"min_actors": 1, "max_actors": 3}),
+        (ResourceRequest(cpus_per_actor=0.5, decode_cpus=0.5), {"cpus_per_actor": 0.5}),
+        (ResourceRequest(gpus_per_actor=0.0), {"gpus_per_actor": 0.0}),
+        (ResourceRequest(torch_threads=3), {"torch_threads": 3}),
+    ],
+)
+def test_given_figures_are_kept(request_, expect):
+    plan = plan_resources(request_, ClusterShape((4.0,), (1.0,)), MP)
+    for name, value in expect.items():
+        assert getattr(plan, name) == value
