@@ -319,6 +319,9 @@ def test_prefix_run_interrupted_then_resumed(world, tmp_path):
         for shard in range(3)
         if not Path(outputs.shard_file_uri(output, DATE, LINES[0], shard, run_key)).exists()
     )
+    # Which shards Ray finishes first is not fixed: the 2 committed ones may both be of the
+    # other line, so the stale file's directory may not exist yet.
+    stale.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pq.read_table(partial[0]).slice(0, 3), stale)
 
     summary = run_score_job(config)
