@@ -20,12 +20,15 @@ import torch
 import torchvision
 
 from dfr_core.calibrate import Calibration
-from dfr_core.config import ModelConfig, from_dict, to_dict
+from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict, to_dict
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 
 FORMAT = "dfr-pipeline-model"
-FORMAT_VERSION = 1
+#: 2: image score per ModelConfig.image_score / score_norm / global_weight (score-term buffers
+#: in head.pt, Calibration.max_threshold). 1: image score = max of the map; still loaded, with
+#: the fields it lacks set to what version 1 meant (config.LEGACY_V1_MODEL_FIELDS).
+FORMAT_VERSION = 2
 CONFIG_FILE = "model.json"
 HEAD_FILE = "head.pt"
 LIBRARY_VERSION = "0.1.0"
@@ -104,6 +107,10 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a {FORMAT} config")
     version = meta.get("format_version")
+    if isinstance(version, int) and version < 1:
+        raise ArtifactError(
+            f"{path}: unknown format_version {version} (this library reads 1..{FORMAT_VERSION})"
+        )
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format_version {version!r} is newer than this library supports "
@@ -116,8 +123,26 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_config_of(meta: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a model.json describes, with the meaning of the version that wrote it.
+
+    A format-1 file lacks the image-score fields; they get the values version 1 used (max of
+    the map), never today's defaults. From version 2 on every field must be present.
+    """
+    stored = meta["model_config"]
+    version = meta.get("format_version")
+    if not isinstance(stored, dict):
+        raise ArtifactError("bad model_config in model.json: not an object")
+    if version == 1:
+        stored = {**LEGACY_V1_MODEL_FIELDS, **stored}
+    else:
+        missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(stored))
+        if missing:
+            raise ArtifactError(
+                f"model.json (format_version {version}) lacks model_config fields {missing}; "
+                "refusing to fill them with defaults that could change what its scores mean"
+            )
     try:
-        return from_dict(ModelConfig, meta["model_config"])
+        return from_dict(ModelConfig, stored)
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"bad model_config in model.json: {exc}") from exc
 

@@ -11,7 +11,7 @@ import torch
 
 from dfr_core.config import CalibrationConfig
 from dfr_core.inference import forward_batch
-from dfr_core.model import AnomalyOutput, DFRModel
+from dfr_core.model import AnomalyOutput, DFRModel, concat_outputs
 from dfr_core.precision import PrecisionSpec
 
 
@@ -28,6 +28,9 @@ class Calibration:
     #: the precision the maps were computed at (PrecisionSpec.to_dict(); None in older models:
     #: fp32). Scoring runs at exactly this precision or refuses (dfr_core.precision).
     precision: dict[str, Any] | None = None
+    #: threshold of the raw max-of-map score at image_fpr (None in format-1 models, whose image
+    #: score was the max of the map: there image_threshold is that threshold)
+    max_threshold: float | None = None
 
     @property
     def precision_spec(self) -> PrecisionSpec:
@@ -47,12 +50,10 @@ def compute_maps(
     reduced-precision calibration)."""
     device = device or torch.device("cpu")
     model.to(device).eval()
-    maps, scores = [], []
+    outs = []
     for i in range(0, len(images), batch_size):
-        out = forward_batch(model, images[i : i + batch_size], precision)
-        maps.append(out.anomaly_map.float().cpu())
-        scores.append(out.score.float().cpu())
-    return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+        outs.append(forward_batch(model, images[i : i + batch_size], precision))
+    return concat_outputs(outs)
 
 
 def upper_quantile(values: np.ndarray, fpr: float) -> float:
@@ -72,6 +73,11 @@ def calibrate_outputs(out: AnomalyOutput, config: CalibrationConfig) -> Calibrat
         pixel_fpr=config.pixel_fpr,
         image_fpr=config.image_fpr,
         n_images=int(out.score.numel()),
+        max_threshold=(
+            None
+            if out.max_score is None
+            else upper_quantile(out.max_score.numpy(), config.image_fpr)
+        ),
     )
 
 

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 FEATURE_NORMS = ("channel", "none")
+IMAGE_SCORES = ("max", "topk_mean")
+SCORE_NORMS = ("quantile", "none")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class ModelConfig:
     latent_dim: int | None = None  # None: chosen by PCA on the training features
     feature_norm: str = "channel"  # "channel": standardise each channel by training mean/std
     smoothing_sigma: float = 4.0  # Gaussian sigma in pixels at image_size; 0 disables
+    image_score: str = "topk_mean"  # "max": the paper's; "topk_mean": mean of the top fraction
+    topk_fraction: float = 0.01  # of the map's pixels, for image_score == "topk_mean"
+    score_norm: str = "quantile"  # "quantile": terms scaled by held-out normal images' q90/q99.5
+    global_weight: float = 1.0  # weight of the pooled-feature Gaussian term; 0 disables it
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 32:
@@ -35,6 +41,19 @@ class ModelConfig:
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(
                 f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}"
+            )
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        if self.score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {self.score_norm!r}")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.global_weight < 0:
+            raise ValueError(f"global_weight must be >= 0, got {self.global_weight}")
+        if self.global_weight > 0 and self.score_norm == "none":
+            raise ValueError(
+                "global_weight > 0 needs score_norm='quantile': the local and global terms have "
+                "different units and are only added after normalisation"
             )
         if self.smoothing_sigma < 0:
             raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
@@ -53,7 +72,8 @@ class TrainConfig:
     batch_size: int = 4  # images per step (the reference uses 4)
     positions_per_image: int = 256  # grid positions sampled per image per step (1x1 convs)
     lr: float = 1e-4
-    val_fraction: float = 0.1  # held-out normal images for early stopping and calibration
+    val_fraction: float = 0.1  # held-out normal images for early stopping (and score scales)
+    calib_fraction: float = 0.1  # a disjoint held-out slice for threshold calibration only
     patience: int = 8  # epochs without validation improvement before stopping; 0 disables
     min_delta: float = 1e-4  # relative improvement that counts
     seed: int = 0
@@ -65,8 +85,14 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "positions_per_image", "feature_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("val_fraction", "calib_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.val_fraction + self.calib_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + calib_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.calib_fraction}"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -83,6 +109,42 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
+
+
+#: What a model.json of format version 1 (written before these fields existed) meant by them:
+#: the max of the map, unnormalised, no global term. Never fill a missing field with today's
+#: default: that would silently change what an old model's score means.
+LEGACY_V1_MODEL_FIELDS: dict[str, Any] = {
+    "image_score": "max",
+    "topk_fraction": 0.01,
+    "score_norm": "none",
+    "global_weight": 0.0,
+}
+
+#: The paper's exact configuration (Yang, Shi and Qi 2020): VGG19 relu1_1..relu4_4 (3456
+#: channels), unstandardised features, image score = max of the unsmoothed map.
+_VGG19_PAPER_LAYERS = tuple(
+    f"relu{b}_{c}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4)) for c in range(1, n + 1)
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "backbone": "vgg19",
+        "layers": _VGG19_PAPER_LAYERS,
+        "feature_norm": "none",
+        "smoothing_sigma": 0.0,
+        "image_score": "max",
+        "score_norm": "none",
+        "global_weight": 0.0,
+    },
+}
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The ModelConfig fields a named preset sets (ValueError naming the known presets)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -79,6 +79,23 @@ def _layout(extractor: FeatureExtractor) -> _Layout:
     return _Layout(torch.tensor(order), len(fine), sizes, tuple(len(groups[n]) for n in sizes))
 
 
+def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tensor:
+    """(B, C) position-means of the regional features, in the reference channel order.
+
+    Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
+    the full (B, C, G, G) map in reference order.
+    """
+    parts = [maps.fine.mean(dim=(2, 3))]
+    for native in maps.coarse:
+        # the position-mean of R(f) is u^T f u with u the mean row of R's (G, n) axis matrix
+        u = extractor.pooling._matrix(native.shape[-1], native.float()).mean(dim=0)
+        parts.append(torch.einsum("bcij,i,j->bc", native.float(), u, u))
+    means = torch.cat(parts, dim=1)
+    out = torch.empty_like(means)
+    out[:, _layout(extractor).order.to(means.device)] = means
+    return out
+
+
 def extract_regional(
     extractor: FeatureExtractor, x: torch.Tensor, autocast_dtype: torch.dtype | None = None
 ) -> RegionalMaps:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head
+from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head, pooled_means
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import AnomalyOutput, DFRHead, DFRModel
 from dfr_core.precision import PrecisionSpec, exact_fp32
@@ -57,7 +57,8 @@ def head_output(
         )
     with exact_fp32(maps.fine.device):
         grid = folded_head(head, extractor, precision.torch_dtype).error_grid(maps)
-        return head.from_error_grid(grid.float())
+        pooled = pooled_means(extractor, maps) if head.config.global_weight > 0 else None
+        return head.from_error_grid(grid.float(), pooled)
 
 
 def forward_batch(

@@ -16,13 +16,26 @@ from dfr_core.config import ModelConfig
 from dfr_core.features import FeatureExtractor
 from dfr_core.precision import PrecisionSpec
 from dfr_core.preprocess import resize_image
+from dfr_core.scoring import ScoreTerms, aggregate, mahalanobis, normalise
 
 
 class AnomalyOutput(NamedTuple):
-    """Raw reconstruction errors: anomaly_map (B, S, S) and image score = max of the map (B,)."""
+    """anomaly_map (B, S, S): reconstruction error; score (B,): the image score the image
+    threshold applies to (config.image_score, normalised and fused per the config; the max of
+    the map for the paper's and for format-1 models); max_score (B,): the max of the map."""
 
     anomaly_map: torch.Tensor
     score: torch.Tensor
+    max_score: torch.Tensor | None = None
+
+
+def concat_outputs(outs: list[AnomalyOutput]) -> AnomalyOutput:
+    """Batches of outputs -> one output on the CPU in float32."""
+    return AnomalyOutput(
+        torch.cat([o.anomaly_map.float().cpu() for o in outs]),
+        torch.cat([o.score.float().cpu() for o in outs]),
+        torch.cat([o.max_score.float().cpu() for o in outs]),
+    )
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -63,6 +76,26 @@ class DFRHead(nn.Module):
         self.cae = CAE(channels, latent_dim)
         self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        # Score-term state exists only when the config uses it, so heads saved without it (the
+        # paper's config, format-1 models) load strictly.
+        if config.global_weight > 0:
+            self.register_buffer("global_mean", torch.zeros(channels))
+            self.register_buffer("global_precision", torch.eye(channels))
+        if config.score_norm == "quantile":
+            self.register_buffer("local_scale", torch.tensor([0.0, 1.0]))
+            if config.global_weight > 0:
+                self.register_buffer("global_scale", torch.tensor([0.0, 1.0]))
+
+    def set_global_gaussian(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        """Store the training images' pooled-feature Gaussian (config.global_weight > 0)."""
+        self.global_mean.copy_(mean)
+        self.global_precision.copy_(precision)
+
+    def set_score_scales(self, local: torch.Tensor, global_: torch.Tensor | None) -> None:
+        """Store each term's (q_lo, q_hi) on held-out normal images (score_norm='quantile')."""
+        self.local_scale.copy_(local)
+        if global_ is not None:
+            self.global_scale.copy_(global_)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store per-channel training statistics (used when feature_norm == 'channel')."""
@@ -79,15 +112,62 @@ class DFRHead(nn.Module):
         z = self.standardize(feats.float())
         return (self.cae(z) - z).pow(2).mean(dim=1)
 
-    def forward(self, feats: torch.Tensor) -> AnomalyOutput:
-        return self.from_error_grid(self.error_grid(feats))
+    def pooled_standardized(self, pooled_feats: torch.Tensor) -> torch.Tensor:
+        """(B, C) position-means of the raw features -> the global descriptor (B, C).
 
-    def from_error_grid(self, grid: torch.Tensor) -> AnomalyOutput:
-        """The score definition on a (B, G, G) error grid (shared with dfr_core.fastpath)."""
-        size = self.config.image_size
+        Standardisation is affine per channel, so standardising the mean equals the mean of the
+        standardised map: the fast path (dfr_core.inference) never builds the full map for it.
+        """
+        if self.config.feature_norm == "channel":
+            return (pooled_feats.float() - self.feature_mean.flatten()) / self.feature_std.flatten()
+        return pooled_feats.float()
+
+    def terms_from_grid(
+        self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ScoreTerms]:
+        """The anomaly map (B, S, S) and the raw image-score terms of a (B, G, G) error grid.
+
+        ``pooled_feats`` (B, C): the raw features averaged over grid positions; needed only when
+        the config has a global term.
+        """
+        cfg = self.config
+        size = cfg.image_size
         full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        amap = gaussian_blur(full[:, 0], self.config.smoothing_sigma)
-        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+        amap = gaussian_blur(full[:, 0], cfg.smoothing_sigma)
+        distance = None
+        if cfg.global_weight > 0:
+            if pooled_feats is None:
+                raise ValueError("this model's score has a global term: pooled features needed")
+            z = self.pooled_standardized(pooled_feats)
+            distance = mahalanobis(z, self.global_mean, self.global_precision)
+        local = aggregate(amap, cfg.image_score, cfg.topk_fraction)
+        return amap, ScoreTerms(amap.flatten(1).amax(dim=1), local, distance)
+
+    def terms(self, feats: torch.Tensor) -> tuple[torch.Tensor, ScoreTerms]:
+        """The anomaly map (B, S, S) and the raw image-score terms, before normalisation."""
+        return self.terms_from_grid(self.error_grid(feats), feats.float().mean(dim=(2, 3)))
+
+    def combine(self, terms: ScoreTerms) -> torch.Tensor:
+        """The image score: the local term, normalised and fused with the global term."""
+        if self.config.score_norm == "none":
+            return terms.local
+        score = normalise(terms.local, self.local_scale)
+        if terms.global_distance is not None:
+            score = score + self.config.global_weight * normalise(
+                terms.global_distance, self.global_scale
+            )
+        return score
+
+    def from_error_grid(
+        self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
+    ) -> AnomalyOutput:
+        """The map and score definition on a (B, G, G) error grid (shared with the fast path)."""
+        amap, terms = self.terms_from_grid(grid, pooled_feats)
+        return AnomalyOutput(amap, self.combine(terms), terms.max_score)
+
+    def forward(self, feats: torch.Tensor) -> AnomalyOutput:
+        amap, terms = self.terms(feats)
+        return AnomalyOutput(amap, self.combine(terms), terms.max_score)
 
 
 class DFRModel(nn.Module):
@@ -117,14 +197,12 @@ class DFRModel(nn.Module):
         from dfr_core.inference import forward_batch  # local import: inference imports this
 
         self.eval()
-        maps, scores = [], []
+        outs = []
         size = self.config.image_size
         for i in range(0, len(images), batch_size):
             batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
-            out = forward_batch(self, batch)
-            maps.append(out.anomaly_map.cpu())
-            scores.append(out.score.cpu())
-        return AnomalyOutput(torch.cat(maps), torch.cat(scores))
+            outs.append(forward_batch(self, batch))
+        return concat_outputs(outs)
 
     @classmethod
     def from_artifact(cls, path: str, weights_path: str | None = None) -> DFRModel:

@@ -21,6 +21,7 @@ from dfr_core.device import inference_mode
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel
 from dfr_core.preprocess import normalize_batch
+from dfr_core.scoring import ledoit_wolf, pooled, quantile_scale
 
 
 class EpochStats(NamedTuple):
@@ -44,6 +45,55 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class HoldoutSplit(NamedTuple):
+    """Indices into the normal images: disjoint, sorted, every index in exactly one part."""
+
+    train: np.ndarray
+    early_stopping: np.ndarray  # validation loss for early stopping; score-term scales
+    calibration: np.ndarray  # thresholds only: never seen by training or model selection
+
+
+def holdout_splits(n: int, val_fraction: float, calib_fraction: float, seed: int) -> HoldoutSplit:
+    """Deterministic three-way split; each held-out part gets at least one image when its
+    fraction is > 0 and at least two images stay for training (fit needs two)."""
+    order = np.random.default_rng(seed).permutation(n)
+
+    def size(fraction: float) -> int:
+        return max(1, round(n * fraction)) if fraction > 0 else 0
+
+    n_cal = min(size(calib_fraction), max(n - 2, 0))
+    n_val = min(size(val_fraction), max(n - 2 - n_cal, 0))
+    return HoldoutSplit(
+        np.sort(order[n_cal + n_val :]),
+        np.sort(order[n_cal : n_cal + n_val]),
+        np.sort(order[:n_cal]),
+    )
+
+
+class EarlyStopping:
+    """Tracks the best validation loss and a copy of the weights that gave it.
+
+    `update` returns True when training should stop (patience epochs without an improvement
+    of more than min_delta, relative); `restore` loads the best weights back.
+    """
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch = math.inf, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, loss: float, module: torch.nn.Module) -> bool:
+        if loss < self.best_loss * (1.0 - self.min_delta) or self.best_state is None:
+            self.best_loss, self.best_epoch = loss, epoch
+            self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return False
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def restore(self, module: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
 
 
 def extract_bank(
@@ -161,6 +211,50 @@ def build_head(
     return head, latent
 
 
+@torch.no_grad()
+def pooled_bank(head: DFRHead, bank: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N, C) mean over cached positions of each image's standardised features."""
+    rows = [pooled(head.standardize(c.float()[..., None].to(device))).cpu() for c in bank.split(16)]
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def fit_score_terms(
+    head: DFRHead,
+    extractor: FeatureExtractor,
+    bank: torch.Tensor,
+    norm_images: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict:
+    """Fit what the image score needs beyond the CAE: the training images' pooled-feature
+    Gaussian (global term) and each term's scale on held-out normal images. Deterministic."""
+    config = head.config
+    info: dict = {}
+    if config.global_weight > 0:
+        mean, precision, shrink = ledoit_wolf(pooled_bank(head, bank, device))
+        head.set_global_gaussian(mean.to(device), precision.to(device))
+        info["global_shrinkage"] = shrink
+    if config.score_norm == "quantile":
+        terms = []
+        for i in range(0, len(norm_images), cfg.feature_batch_size):
+            batch = torch.from_numpy(
+                np.ascontiguousarray(norm_images[i : i + cfg.feature_batch_size])
+            )
+            with inference_mode(device):
+                feats = extractor(normalize_batch(batch.to(device)))
+            terms.append(head.terms(feats.float())[1])
+        local = quantile_scale(torch.cat([t.local.cpu() for t in terms]))
+        glob = None
+        if config.global_weight > 0:
+            glob = quantile_scale(torch.cat([t.global_distance.cpu() for t in terms]))
+        head.set_score_scales(local.to(device), None if glob is None else glob.to(device))
+        info["local_scale"] = local.tolist()
+        info["global_scale"] = None if glob is None else glob.tolist()
+        info["scale_images"] = int(len(norm_images))
+    return info
+
+
 def fit(
     extractor: FeatureExtractor,
     model_config: ModelConfig,
@@ -186,24 +280,28 @@ def fit(
     head, latent = build_head(extractor, model_config, bank, cfg, gen)
     head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    best = (math.inf, 0, None)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     history: list[dict] = []
+    last_train = math.inf
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
-        train_loss = _train_epoch(head, bank, cfg, optimizer, gen, device)
+        last_train = _train_epoch(head, bank, cfg, optimizer, gen, device)
         val_loss = bank_loss(head, val_bank, device) if val_bank is not None else None
-        stats = EpochStats(epoch, cfg.epochs, train_loss, val_loss, time.perf_counter() - t_epoch)
+        stats = EpochStats(epoch, cfg.epochs, last_train, val_loss, time.perf_counter() - t_epoch)
         history.append(stats._asdict())
         if progress is not None:
             progress(stats)
-        if val_loss is None:
-            best = (train_loss, epoch, None)  # nothing held out: keep the last weights
-        elif val_loss < best[0] * (1.0 - cfg.min_delta):
-            best = (val_loss, epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
-        elif cfg.patience and epoch - best[1] >= cfg.patience:
+        if val_loss is not None and stopper.update(epoch, val_loss, head):
             break
-    if best[2] is not None:
-        head.load_state_dict(best[2])
+    if val_bank is not None:
+        stopper.restore(head)
+        best_epoch, best_loss = stopper.best_epoch, stopper.best_loss
+    else:  # nothing held out: keep the last weights
+        best_epoch, best_loss = len(history), last_train
+    head.eval()
+    norm_images = val_images if val_images is not None and len(val_images) else train_images
+    score_terms = fit_score_terms(head, extractor, bank, norm_images, cfg, device)
+    score_terms["scales_from"] = "early_stopping" if norm_images is val_images else "training"
     head.eval()
     summary = {
         "train_images": int(len(train_images)),
@@ -211,8 +309,9 @@ def fit(
         "channels": extractor.channels,
         "latent_dim": latent,
         "epochs_run": len(history),
-        "best_epoch": best[1],
-        "best_loss": best[0],
+        "best_epoch": best_epoch,
+        "best_loss": best_loss,
+        "score_terms": score_terms,
         "cached_positions_per_image": int(bank.shape[2]),
         "feature_seconds": round(t_features, 3),
         "train_seconds": round(time.perf_counter() - t0, 3),

@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from dfr_core.backbones import WeightsNotFoundError, list_backbones
-from pipeline.cli_options import split_names, storage_options
+from pipeline.cli_options import model_option_flags, split_names, storage_options
 from pipeline.demo import DemoConfig, run_demo
 from pipeline.manifest import ManifestError
 from pipeline.progress import render_table
-from pipeline.registry import describe
+from pipeline.promotion_cli import describe, promote_command, why_latest
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
 
 EXIT_FAILED = 1  # ran, but at least one product line failed
@@ -40,7 +40,12 @@ def format_results(result: TrainJobResult) -> str:
         )  # fmt: skip
     text = render_table(RESULT_HEADERS, rows)
     errors = [f"FAILED {r['product_line']}: {r['error']}" for r in result.results if r["error"]]
-    return "\n".join([text, *errors])
+    held = [
+        f"NOT PROMOTED {r['product_line']} {r['version']}: {r['promotion']}"
+        for r in result.results
+        if r["status"] == OK and r.get("promoted") is False
+    ]
+    return "\n".join([text, *errors, *held])
 
 
 def _echo_err(text: str) -> None:
@@ -131,11 +136,27 @@ def main() -> None:
     help="Fewest training images a product line may have.",
 )
 @click.option(
+    "--feedback",
+    "feedback_uri",
+    default=None,
+    metavar="URI",
+    help="QA feedback table (CSV/Parquet): normals join training, defects the evaluation set.",
+)
+@click.option(
+    "--promotion-tolerance",
+    type=click.FloatRange(min=0),
+    default=0.02,
+    show_default=True,
+    help="How much worse than LATEST (absolute, per metric) a new version may be and still "
+    "become LATEST.",
+)
+@click.option(
     "--s3-endpoint-url",
     default=None,
     metavar="URL",
     help="S3-compatible endpoint (MinIO, Ceph); default from AWS_ENDPOINT_URL.",
 )
+@model_option_flags
 def train(
     manifest_uri: str,
     models_uri: str,
@@ -149,9 +170,15 @@ def train(
     only: tuple[str, ...],
     retries: int,
     min_images: int,
+    feedback_uri: str | None,
+    promotion_tolerance: float,
     s3_endpoint_url: str | None,
+    **model_options: Any,
 ) -> None:
-    """Train one model per product line of a manifest and publish them to the registry."""
+    """Train one model per product line of a manifest and publish them to the registry.
+
+    A new version becomes LATEST only if it is not worse than the current LATEST on the line's
+    evaluation set (the promotion gate, docs/operating.md)."""
     try:
         config = TrainJobConfig(
             manifest_uri=manifest_uri,
@@ -166,7 +193,10 @@ def train(
             only=split_names(only),
             retries=retries,
             min_train_images=min_images,
+            feedback_uri=feedback_uri,
+            promotion_tolerance=promotion_tolerance,
             storage=storage_options(s3_endpoint_url),
+            model_options={k: v for k, v in model_options.items() if v is not None},
         )
         result = run_train_job(config, echo=_echo_err)
     except (ManifestError, ValueError, FileNotFoundError, ConnectionError) as exc:
@@ -185,7 +215,7 @@ def models() -> None:
 
 MODEL_HEADERS = (
     "product", "version", "latest", "created", "backbone", "size", "images",
-    "img thr", "px thr", "img AUROC", "px AUROC", "PRO",
+    "img thr", "px thr", "img AUROC", "px AUROC", "PRO", "decision",
 )  # fmt: skip
 
 
@@ -194,7 +224,7 @@ def _model_row(d: dict[str, Any]) -> tuple:
     return (
         d["product_line"], d["version"], d["latest"], d["created_at"], d["backbone"],
         d["image_size"], d["train_images"], d["image_threshold"], d["pixel_threshold"],
-        m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"),
+        m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"), d.get("decision"),
     )  # fmt: skip
 
 
@@ -212,6 +242,11 @@ def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
         click.echo(f"no models under {models_uri}")
         return
     click.echo(render_table(MODEL_HEADERS, [_model_row(d) for d in rows]))
+    reasons = why_latest(models_uri, rows, storage_options(s3_endpoint_url))
+    if reasons:
+        click.echo("")  # a blank line ends the table (scripts parse it)
+    for line, why in reasons.items():
+        click.echo(f"LATEST {line} {why}")
 
 
 @main.command()
@@ -245,7 +280,9 @@ def _register_commands(*commands: click.Command) -> None:
 
 # Imported here, after `main` exists: these modules define plain click commands and do not
 # import this one, so there is no cycle.
+from pipeline.evaluate_cli import evaluate  # noqa: E402
 from pipeline.report_cli import report  # noqa: E402
 from pipeline.score_cli import nightly, score  # noqa: E402
 
-_register_commands(score, nightly, report)
+_register_commands(score, nightly, report, evaluate)
+models.add_command(promote_command)

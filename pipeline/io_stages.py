@@ -20,6 +20,7 @@ import pyarrow as pa
 from dfr_core.resize import resize_image
 from pipeline import storage
 from pipeline.imageio import DecodeError, decode_image
+from pipeline.input_stats import STAT_NAMES, image_stats
 from pipeline.storage import StorageOptions
 
 #: Columns added by the stages, in order of appearance.
@@ -30,6 +31,7 @@ DECODE_COLUMNS = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("pixels", pa.large_binary()),  # resized (S, S, 3) uint8, C order
         pa.field("size", pa.int32()),
+        *(pa.field(name, pa.float64()) for name in STAT_NAMES),
     ]
 )
 
@@ -145,6 +147,7 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
     heights: list[int | None] = [None] * n
     pixels: list[bytes | None] = [None] * n
     sizes: list[int | None] = [None] * n
+    stats: list[tuple[float, ...] | None] = [None] * n
     failures: dict[int, RowError] = {}
     for i in range(n):
         if status[i] != "ok":
@@ -161,8 +164,11 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
             continue
         heights[i], widths[i] = int(array.shape[0]), int(array.shape[1])
         pixels[i], sizes[i] = resized.tobytes(), size
+        stats[i] = image_stats(resized)
     batch = _set_errors(batch.drop_columns(["data"]), failures)
     columns = {"width": widths, "height": heights, "pixels": pixels, "size": sizes}
+    for k, name in enumerate(STAT_NAMES):
+        columns[name] = [None if s is None else s[k] for s in stats]
     for field in DECODE_COLUMNS:
         batch = batch.append_column(field, pa.array(columns[field.name], field.type))
     return batch

@@ -13,6 +13,9 @@ Columns (header required, names case-insensitive):
 * ``val_uri`` - held-out normal images for calibration (else a fraction of train_uri is held out).
 * ``test_uri`` - an MVTec-layout labelled set; when given the model is evaluated on it.
 * ``image_size``, ``epochs``, ``backbone`` - per-line overrides of the job's flags.
+* the model options of :mod:`pipeline.model_options` (``preset``, ``layers``, ``feature_norm``,
+  ``smoothing_sigma``, ``image_score``, ``topk_fraction``, ``score_norm``, ``global_weight``,
+  ``pixel_fpr``, ``image_fpr``) - per-line overrides of the job's flags of the same name.
 
 Relative local paths in a local manifest are resolved against the manifest's directory, so a
 manifest can be moved together with its data.
@@ -26,7 +29,7 @@ import io
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -35,11 +38,19 @@ from dfr_core.backbones import list_backbones
 from dfr_core.config import ModelConfig
 from pipeline import storage
 from pipeline.image_sets import resolve_images
+from pipeline.model_options import OPTION_NAMES, parse_cell
 from pipeline.mvtec_remote import LabelledSetError, list_labelled_set
 from pipeline.storage import StorageOptions
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("product_line", "train_uri")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("val_uri", "test_uri", "image_size", "epochs", "backbone")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "val_uri",
+    "test_uri",
+    "image_size",
+    "epochs",
+    "backbone",
+    *OPTION_NAMES,
+)
 COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 URI_COLUMNS: tuple[str, ...] = ("train_uri", "val_uri", "test_uri")
 #: Fewest training images a line may have: fit needs 2 and calibration at least 1 held out.
@@ -59,6 +70,8 @@ class ManifestRow:
     image_size: int | None = None
     epochs: int | None = None
     backbone: str | None = None
+    #: model options set in this row's cells (pipeline.model_options), typed; absent: not set
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy, stored in the model's config so a model records what made it."""
@@ -219,9 +232,16 @@ def _parse_row(
                 )
             )
         values["backbone"] = backbone
+    options: dict[str, Any] = {}
+    for column in OPTION_NAMES:
+        if cells.get(column):
+            try:
+                options[column] = parse_cell(column, cells[column])
+            except ValueError as exc:
+                problems.append(Problem(line, column, str(exc)))
     if problems:
         return None, problems
-    return ManifestRow(line=line, **values), []
+    return ManifestRow(line=line, options=options, **values), []
 
 
 def parse_manifest(

@@ -109,7 +109,14 @@ def _read_sample(
 
 def load_labelled_set(uri: str, size: int, options: StorageOptions | None = None) -> LabelledSet:
     """Read a labelled set; unreadable images (or masks) are skipped and reported as failures."""
-    samples = list_labelled_set(uri, options)
+    return load_samples(list_labelled_set(uri, options), size, options)
+
+
+def load_samples(
+    samples: list[LabelledSample], size: int, options: StorageOptions | None = None
+) -> LabelledSet:
+    """Read labelled samples from anywhere (a listing, feedback); a defect without a mask gets
+    an all-zero mask, so pixel metrics must skip it (pipeline.evaluation does)."""
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         results = list(pool.map(lambda s: _read_sample(s, size, options), samples))
     kept = [

@@ -7,6 +7,8 @@ Layout under ``{output}``::
     masks/run_date=D/product_line=P/{image_id}.heatmap.png                optional heatmaps
     _shards/run_date=D/{run_key}/{P}/{shard:05d}.json                     shard commit markers
     runs/{run_id}.json                                                    run records (commit)
+    _staging/run_date=D/                  temp files of in-flight local writes (never read)
+    _leases/run_date=D/{generation}.json  the lease of the run in flight (pipeline.run_lease)
 
 Why not Ray Data's ``write_parquet``: its write modes cannot make a killed-and-restarted run end
 with exactly one row per image. Here every shard of the listing has a deterministic file name,
@@ -88,6 +90,18 @@ SCORE_SCHEMA = pa.schema(
         # Ray node whose scoring actor handled the row; null for rows that were already errors
         # before scoring (unreadable, undecodable, no model): shows how work spread over nodes.
         pa.field("node_id", pa.string()),
+        # The score `is_anomaly` is decided on (anomaly_score > anomaly_threshold): the model's
+        # configured image score (e.g. top-1 % mean fused with the global term, normalised so
+        # held-out normal images' q90 -> 0 and q99.5 -> 1). `score` / `threshold` above stay the
+        # raw max of the anomaly map and its threshold at the same image FPR. For format-1
+        # models both pairs are equal (their image score was the max of the map).
+        pa.field("anomaly_score", pa.float64()),
+        pa.field("anomaly_threshold", pa.float64()),
+        # Input statistics of the resized image (pipeline.input_stats), for the drift watch;
+        # null for rows that never decoded.
+        pa.field("brightness", pa.float64()),
+        pa.field("contrast", pa.float64()),
+        pa.field("sharpness", pa.float64()),
     ]
 )
 PARTITION_SCHEMA = pa.schema(
@@ -154,6 +168,24 @@ def shard_marker_uri(
     return storage.join_uri(
         _markers_root(output, run_date), run_key, product_line, f"{shard:05d}.json"
     )
+
+
+def staging_uri(output: str, run_date: str) -> str:
+    """Where the temp files of a date's local atomic writes live (masks, heatmaps, shard files,
+    markers, run records). Readers never look here; the run holding the date's lease empties it
+    when it starts and when it ends, so a process killed mid-write leaves debris only here, and
+    only until the next run of the same date."""
+    return f"{_root(output)}/_staging/run_date={check_run_date(run_date)}"
+
+
+def clear_staging(output: str, run_date: str, options: StorageOptions | None = None) -> None:
+    """Delete the date's staging directory (local outputs only; S3 writes need no temp files).
+
+    Only the holder of the date's lease may call this: nobody else writes there meanwhile.
+    """
+    uri = staging_uri(output, run_date)
+    storage.remove_tree(uri, options)
+    storage.remove_empty_dir(f"{_root(output)}/_staging")
 
 
 def run_record_uri(output: str, run_id: str) -> str:
@@ -260,7 +292,8 @@ def write_shard(
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     uri = shard_file_uri(output, run_date, product_line, shard, run_key)
-    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), options)
+    staging = staging_uri(output, run_date)
+    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), options, staging)
     marker = {
         "run_key": run_key,
         "product_line": product_line,
@@ -272,6 +305,7 @@ def write_shard(
         shard_marker_uri(output, run_date, run_key, product_line, shard),
         json.dumps(marker, sort_keys=True),
         options,
+        staging,
     )
     return marker
 
@@ -307,7 +341,8 @@ def write_run_record(output: str, record: dict[str, Any], options: StorageOption
     """Write ``runs/{run_id}.json`` atomically: the moment the run becomes visible to readers."""
     uri = run_record_uri(output, record["run_id"])
     full = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **record}
-    storage.write_text_atomic(uri, json.dumps(full, indent=2, sort_keys=True, default=str), options)
+    text = json.dumps(full, indent=2, sort_keys=True, default=str)
+    storage.write_text_atomic(uri, text, options, staging_uri(output, record["run_date"]))
     return uri
 
 

@@ -210,11 +210,13 @@ def publish(
     product_line: str,
     options: StorageOptions | None = None,
     version: str | None = None,
+    promote: bool = True,
 ) -> str:
     """Upload a saved model as a new immutable version, then point LATEST at it.
 
     The local directory is verified first (checksums in model.json), so a corrupt artifact is
-    never published. Returns the version name.
+    never published. ``promote=False`` publishes without moving LATEST (the promotion gate held
+    it back; pipeline.promotion). Returns the version name.
     """
     source = Path(local_model_dir)
     _verify_dir(source)
@@ -225,8 +227,20 @@ def publish(
         _publish_local(source, Path(storage.get_fs(line_uri)[1]), version)
     else:
         _publish_remote(source, target, options)
-    storage.write_text_atomic(storage.join_uri(line_uri, LATEST), version + "\n", options)
+    if promote:
+        storage.write_text_atomic(storage.join_uri(line_uri, LATEST), version + "\n", options)
     return version
+
+
+def set_latest(
+    models_uri: str, product_line: str, version: str, options: StorageOptions | None = None
+) -> None:
+    """Point LATEST at an existing complete version (``models promote``)."""
+    uri = storage.join_uri(version_uri(models_uri, product_line, version), CONFIG_FILE)
+    if not storage.exists(uri, options):
+        raise FileNotFoundError(f"model {product_line}/{version} not found under {models_uri}")
+    line_uri = _line_uri(models_uri, product_line)
+    storage.write_text_atomic(storage.join_uri(line_uri, LATEST), version + "\n", options)
 
 
 def read_version_metadata(

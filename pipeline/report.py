@@ -48,6 +48,7 @@ from PIL import Image, ImageFilter
 from pipeline import outputs, storage
 from pipeline import report_data as rd
 from pipeline.imageio import DecodeError, decode_image
+from pipeline.report_loop import render_loop
 from pipeline.storage import StorageOptions
 
 __all__ = ["REPORT_FILE", "ReportConfig", "ReportError", "load_rows", "write_report"]
@@ -83,6 +84,7 @@ class ReportConfig:
     thumb_px: int = 256
     title: str = "DFR anomaly report"
     storage: StorageOptions | None = None
+    feedback_uri: str | None = None  # QA feedback table: lists the reviewed images
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "products", tuple(self.products))
@@ -844,6 +846,7 @@ def render_html(config: ReportConfig, rows: pd.DataFrame, generated_at: str) -> 
             + "".join(render_line(i, line, rows, config) for i, line in enumerate(lines))
             + render_models(rows, config)
         )
+    body += render_loop(config, scores_root(config.scores_uri, config.storage), rows)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_e(_csp())}">'

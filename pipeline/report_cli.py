@@ -11,6 +11,7 @@ import sys
 import click
 
 from pipeline.cli_options import split_names, storage_options
+from pipeline.feedback import FeedbackError
 from pipeline.report import ReportConfig, ReportError, write_report
 
 EXIT_BAD_INPUT = 2
@@ -60,6 +61,12 @@ EXIT_BAD_INPUT = 2
     help="Error rows listed per product line (counts always cover all).",
 )
 @click.option(
+    "--feedback",
+    "feedback_uri",
+    metavar="URI",
+    help="QA feedback table (CSV/Parquet): lists the reviewed images with their verdicts.",
+)
+@click.option(
     "--s3-endpoint-url",
     metavar="URL",
     help="S3-compatible endpoint (MinIO, Ceph); default from DFR_S3_ENDPOINT_URL/AWS_*.",
@@ -74,6 +81,7 @@ def report(
     out_dir: str,
     top_n: int,
     max_error_rows: int,
+    feedback_uri: str | None,
     s3_endpoint_url: str | None,
 ) -> None:
     """Write a static HTML report (report.html in --out) of committed scores; prints its path."""
@@ -88,13 +96,14 @@ def report(
             models_uri=models_uri,
             top_n=top_n,
             max_error_rows=max_error_rows,
+            feedback_uri=feedback_uri,
             storage=storage_options(s3_endpoint_url),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
         path = write_report(config)
-    except ReportError as exc:
+    except (ReportError, FeedbackError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     click.echo(str(path))

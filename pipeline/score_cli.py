@@ -1,8 +1,12 @@
 """``dfr-pipeline score`` and ``dfr-pipeline nightly``: flags -> ScoreJobConfig -> run_score_job.
 
-Exit codes: 0 the run committed (error rows included); 1 the job could not run or was stopped
-before committing; 3 the run committed but more than ``--max-error-fraction`` of its rows are
-errors (alerting should look at it). Click itself uses 2 for bad flags.
+Exit codes: 0 the run committed (error rows included), or was already committed; 1 the job could
+not run or was stopped before committing; 3 the run committed but more than
+``--max-error-fraction`` of its rows are errors (alerting should look at it); 4 the input lists
+no image (without ``--allow-empty``): an upstream export probably broke; 5 another run of the
+same output and date holds the lease (or took it over), so this one did nothing; 6 (``nightly``
+only) the run committed but at least one product line drifted from its model's reference (one
+``DRIFT`` line each is printed; 3 wins when both apply). Click itself uses 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import click
 
 from pipeline.listing import ListingError
 from pipeline.outputs import MASK_MODES
+from pipeline.run_lease import LeaseHeld, LeaseLost
 from pipeline.score_job import (
     DEFAULT_CACHE_DIR,
+    EmptyInput,
     RunInterrupted,
     ScoreJobConfig,
     ShardCountError,
@@ -24,6 +30,9 @@ from pipeline.score_job import (
 
 EXIT_FAILED = 1
 EXIT_TOO_MANY_ERRORS = 3
+EXIT_EMPTY_INPUT = 4
+EXIT_LEASE_HELD = 5
+EXIT_DRIFT = 6
 
 
 def parse_actors(value: str) -> tuple[int, int]:
@@ -44,16 +53,27 @@ def today_utc() -> str:
     return dt.datetime.now(dt.UTC).date().isoformat()
 
 
-def execute(config: ScoreJobConfig) -> None:
+def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
     """Run the job, print its summary and exit with the code documented above."""
     try:
         summary = run_score_job(config)
     except (ListingError, RunInterrupted, ShardCountError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except EmptyInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_EMPTY_INPUT)
+    except (LeaseHeld, LeaseLost) as exc:
+        where = f"{config.output_uri} (run date {config.run_date})"
+        click.echo(f"error: not scoring {where}: {exc}", err=True)
+        sys.exit(EXIT_LEASE_HELD)
     click.echo(summary.format())
+    for drift in summary.drifting:
+        click.echo(drift.describe(), err=True)
     if summary.failed:
         sys.exit(EXIT_TOO_MANY_ERRORS)
+    if drift_exit and summary.drifting:
+        sys.exit(EXIT_DRIFT)
 
 
 @click.command("score")
@@ -109,6 +129,18 @@ def execute(config: ScoreJobConfig) -> None:
     show_default=True,
     help="Exit 3 when more than this fraction of rows are errors.",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="An input that lists no image commits an empty run (exit 0) instead of exit 4.",
+)
+@click.option(
+    "--drift-level",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.001,
+    show_default=True,
+    help="Significance level of the drift tests (see docs/operating.md).",
+)
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True)
 @click.option("--address", default=None, help="Ray cluster address; default: start locally.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -129,6 +161,8 @@ def score(
     heatmaps: bool,
     shard_size: int,
     max_error_fraction: float,
+    allow_empty: bool,
+    drift_level: float,
     cache_dir: str,
     address: str | None,
     quiet: bool,
@@ -154,6 +188,8 @@ def score(
             heatmaps=heatmaps,
             shard_size=shard_size,
             max_error_fraction=max_error_fraction,
+            allow_empty=allow_empty,
+            drift_level=drift_level,
             cache_dir=cache_dir,
             address=address,
             quiet=quiet,
@@ -181,4 +217,4 @@ def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
         config = load_config(config_path, run_date=run_date, quiet=quiet)
     except (NightlyConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    execute(config)
+    execute(config, drift_exit=True)

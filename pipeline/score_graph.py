@@ -46,6 +46,12 @@ def build_dataset(
         batch_size=batch_size,
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
+        # Ray Data passes its own object-store refs to every actor constructor, and with
+        # restarts on Ray logs an error-level "constructor arguments in the object store and
+        # max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead actor is
+        # handled by the job instead: the execution fails and the run resumes from its
+        # committed shards (see score_job._score_pending), which is what a restart would do.
+        max_restarts=0,
     )
 
 

@@ -27,13 +27,16 @@ from typing import Any
 import pyarrow as pa
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from pipeline import drift_io, outputs, registry, storage
 from pipeline import listing as listing_mod
-from pipeline import outputs, registry, storage
+from pipeline.drift import DriftConfig, LineDrift
 from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing import Listing
+from pipeline.ray_runtime import init_ray
 from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
+from pipeline.run_lease import RunLease
 from pipeline.score_graph import build_dataset
 from pipeline.score_stages import ScoringConfig
 from pipeline.storage import StorageOptions
@@ -44,6 +47,9 @@ DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
 #: Input block size in batches: small enough to spread decoding, large enough to keep the
 #: number of objects the driver puts into the object store modest.
 BLOCK_BATCHES = 4
+#: Dataset executions per run: a scoring actor that dies (node lost, OOM kill) fails one
+#: execution; the next one resumes from the shards committed so far.
+MAX_EXECUTIONS = 4
 
 
 class RunInterrupted(RuntimeError):
@@ -52,6 +58,10 @@ class RunInterrupted(RuntimeError):
 
 class ShardCountError(RuntimeError):
     """Ray Data returned a different number of rows for a shard than the listing holds."""
+
+
+class EmptyInput(RuntimeError):
+    """The input lists no image (and ``allow_empty`` is off): an upstream export likely broke."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,17 @@ class ScoreJobConfig:
     address: str | None = None  # Ray cluster; None: the running one, or a new local one
     quiet: bool = False
     storage: StorageOptions | None = None  # None: from the environment
+    #: An input that lists no image commits an empty run instead of failing (nightly configs
+    #: of lines that may have no images some days).
+    allow_empty: bool = False
     #: Test/ops knob: stop (RunInterrupted) after committing this many shards.
     stop_after_shards: int | None = None
+    drift_level: float = 0.001  # significance level of the drift tests (pipeline.drift)
+    drift_min_images: int = 20  # fewer ok rows in a line: never drifted
+
+    @property
+    def drift(self) -> DriftConfig:
+        return DriftConfig(level=self.drift_level, min_images=self.drift_min_images)
 
     def __post_init__(self) -> None:
         outputs.check_run_date(self.run_date)
@@ -116,6 +135,7 @@ class ScoreJobConfig:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
         if self.stop_after_shards is not None and self.stop_after_shards < 1:
             raise ValueError("stop_after_shards must be >= 1")
+        self.drift  # noqa: B018  (validates the drift settings)
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,12 @@ class ScoreSummary:
     already_committed: bool = False
     max_error_fraction: float = 1.0
     timings: dict[str, float] = field(default_factory=dict)
+    drift: tuple[LineDrift, ...] = ()
+
+    @property
+    def drifting(self) -> list[LineDrift]:
+        """Product lines whose night drifted from their model's reference."""
+        return [d for d in self.drift if d.drifted]
 
     @property
     def error_fraction(self) -> float:
@@ -177,6 +203,7 @@ class ScoreSummary:
             f"  masks:  {self.masks_uri}",
             f"  record: {self.record_uri}",
         ]
+        lines += [f"  {d.describe()}" for d in self.drifting]
         if self.failed:
             lines.append(
                 f"  FAILED: error fraction {self.error_fraction:.1%} exceeds "
@@ -337,12 +364,22 @@ class ShardWriter:
 
 def _ensure_ray(address: str | None) -> bool:
     """Connect to Ray unless already connected; True when this call started it."""
-    import ray
+    return init_ray(address)
 
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
-    return True
+
+def _is_actor_death(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) says a Ray actor process died."""
+    from ray.exceptions import RayActorError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RayActorError):
+            return True
+        current = current.__cause__ or current.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    return "ActorDiedError" in text or "RayActorError" in text
 
 
 def resource_request(config: ScoreJobConfig) -> ResourceRequest:
@@ -499,6 +536,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         record_uri: str,
         timings: dict[str, float],
         already: bool = False,
+        drift: tuple[LineDrift, ...] = (),
     ) -> ScoreSummary:
         return ScoreSummary(
             run_id=run_id,
@@ -515,10 +553,20 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             already_committed=already,
             max_error_fraction=config.max_error_fraction,
             timings=timings,
+            drift=drift,
         )
 
-    existing = outputs.read_run_record(output, run_id, options)
-    if existing is not None and existing.get("run_key") == run_key:
+    if table.num_rows == 0 and not config.allow_empty:
+        only = f" for product lines {', '.join(config.products)}" if config.products else ""
+        raise EmptyInput(
+            f"input {config.input_uri} lists no images{only}; nothing to score (pass "
+            "--allow-empty, or allow_empty: true in the nightly config, if that is expected)"
+        )
+
+    def already_committed() -> ScoreSummary | None:
+        existing = outputs.read_run_record(output, run_id, options)
+        if existing is None or existing.get("run_key") != run_key:
+            return None
         return summary(
             existing["counts"],
             0,
@@ -526,32 +574,95 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             outputs.run_record_uri(output, run_id),
             {"total_s": time.perf_counter() - t0},
             True,
+            drift_io.drift_of_record(existing),
         )
 
-    slices = shard_slices(table)
-    done = {
-        k: v
-        for k, v in outputs.committed_shards(output, date, run_key, options).items()
-        if k in slices
-    }
-    pending = {k: v for k, v in slices.items() if k not in done}
-    new = _execute(config, table, pending, models, run_id, run_key, options) if pending else {}
-    t_scoring = time.perf_counter()
-    markers = {**done, **new}
-    counts = outputs.add_counts({}, {})
-    for marker in markers.values():
-        counts = outputs.add_counts(counts, marker["counts"])
-    if counts["rows"] != table.num_rows:
-        raise ShardCountError(f"committed {counts['rows']} rows for {table.num_rows} inputs")
-    timings = {
-        "listing_s": round(t_listing - t0, 3),
-        "models_s": round(t_models - t_listing, 3),
-        "scoring_s": round(t_scoring - t_models, 3),
-    }
-    record = _record(config, listing, models, run_id, run_key, markers, counts, timings, started_at)
-    record_uri = outputs.write_run_record(output, record, options)
-    lines = sorted({line for line, _ in slices})
-    outputs.remove_superseded(output, date, run_key, lines, options)
+    done_before = already_committed()
+    if done_before is not None:
+        return done_before
+    # One run per (output, date) at a time: LeaseHeld for the second of two overlapping runs.
+    lease = RunLease(output, date, run_id, options)
+    lease.acquire()
+    try:
+        done_meanwhile = already_committed()  # the run we lost a race to may have finished
+        if done_meanwhile is not None:
+            return done_meanwhile
+        # Temp files of killed writers of this date (we hold the lease: nobody else writes).
+        outputs.clear_staging(output, date, options)
+        slices = shard_slices(table)
+        done, new = _score_pending(config, table, slices, models, run_id, run_key, options)
+        t_scoring = time.perf_counter()
+        markers = {**done, **new}
+        counts = outputs.add_counts({}, {})
+        for marker in markers.values():
+            counts = outputs.add_counts(counts, marker["counts"])
+        if counts["rows"] != table.num_rows:
+            raise ShardCountError(f"committed {counts['rows']} rows for {table.num_rows} inputs")
+        timings = {
+            "listing_s": round(t_listing - t0, 3),
+            "models_s": round(t_models - t_listing, 3),
+            "scoring_s": round(t_scoring - t_models, 3),
+        }
+        record = _record(
+            config, listing, models, run_id, run_key, markers, counts, timings, started_at
+        )
+        drift = drift_io.run_drift(record, run_key, config.cache_dir, config.drift, options)
+        record["drift"] = drift_io.drift_record(drift, output, run_key)
+        lease.check()  # fencing: a run that lost its lease never commits over its successor
+        record_uri = outputs.write_run_record(output, record, options)
+        lines = sorted({line for line, _ in slices})
+        outputs.remove_superseded(output, date, run_key, lines, options)
+        drift_io.remove_superseded(output, date, run_key, lines, options)
+    finally:
+        try:
+            outputs.clear_staging(output, date, options)
+        finally:
+            lease.release()
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
-    return summary(counts, table.num_rows - skipped, skipped, record_uri, timings)
+    return summary(
+        counts, table.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
+    )
+
+
+def _score_pending(
+    config: ScoreJobConfig,
+    table: pa.Table,
+    slices: dict[tuple[str, int], tuple[int, int]],
+    models: dict[str, LineModel],
+    run_id: str,
+    run_key: str,
+    options: StorageOptions,
+) -> tuple[dict[tuple[str, int], dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
+    """(markers committed before this invocation, markers this invocation committed).
+
+    A scoring actor that dies fails the Ray Data execution; the shards committed so far stay
+    committed and the next execution scores only the rest (MAX_EXECUTIONS in all).
+    """
+
+    def committed() -> dict[tuple[str, int], dict[str, Any]]:
+        found = outputs.committed_shards(config.output_uri, config.run_date, run_key, options)
+        return {k: v for k, v in found.items() if k in slices}
+
+    done = committed()
+    markers = dict(done)
+    for attempt in range(1, MAX_EXECUTIONS + 1):
+        pending = {k: v for k, v in slices.items() if k not in markers}
+        if not pending:
+            break
+        try:
+            markers.update(_execute(config, table, pending, models, run_id, run_key, options))
+        except Exception as exc:
+            if attempt == MAX_EXECUTIONS or not _is_actor_death(exc):
+                raise
+            markers = committed()
+            logger.warning(
+                "a scoring actor died (%s); resuming the %d uncommitted shards (execution %d "
+                "of at most %d)",
+                storage.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+                len(slices) - len(markers),
+                attempt + 1,
+                MAX_EXECUTIONS,
+            )
+    new = {k: v for k, v in markers.items() if k not in done}
+    return done, new

@@ -92,7 +92,8 @@ class Scored(NamedTuple):
 
     model: LoadedLine
     anomaly_map: torch.Tensor
-    score: float
+    score: float  # the model's image score (dfr_core AnomalyOutput.score)
+    max_score: float  # the raw max of the map (the `score` column)
     defect_area_fraction: float
 
 
@@ -100,6 +101,8 @@ class Scored(NamedTuple):
 RESULT_COLUMNS = (
     "score",
     "threshold",
+    "anomaly_score",
+    "anomaly_threshold",
     "pixel_threshold",
     "is_anomaly",
     "defect_area_fraction",
@@ -205,10 +208,11 @@ class ScoringActor:
             result = head_output(model.head, extractor, maps, precision, subset)
             amaps = result.anomaly_map.float()
             scores = result.score.float().cpu().tolist()
+            max_scores = result.max_score.float().cpu().tolist()
             above = amaps > model.calibration.pixel_threshold
             fractions = above.float().mean(dim=(1, 2)).cpu().tolist()
             for k, pos in enumerate(positions):
-                out[rows[pos]] = Scored(model, amaps[k], scores[k], fractions[k])
+                out[rows[pos]] = Scored(model, amaps[k], scores[k], max_scores[k], fractions[k])
         return out
 
     def _write_mask(
@@ -223,12 +227,15 @@ class ScoringActor:
         )[0, 0]
         threshold = scored.model.calibration.pixel_threshold
         opts = self.config.options
+        # Temp files go to the run's staging prefix, which the committing run deletes, so an
+        # actor killed mid-write leaves nothing beside the masks.
+        staging = outputs.staging_uri(self.config.output_uri, self.config.run_date)
         storage.write_bytes_atomic(
-            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts
+            mask_uri, outputs.encode_mask_png((full > threshold).cpu().numpy()), opts, staging
         )
         if heat_uri is not None:
             png = outputs.encode_heatmap_png(full.cpu().numpy(), threshold)
-            storage.write_bytes_atomic(heat_uri, png, opts)
+            storage.write_bytes_atomic(heat_uri, png, opts, staging)
 
     def _score_batch(self, batch: pa.Table) -> tuple[dict[int, Scored], dict[int, RowError]]:
         """Score the batch's ok rows, grouped by extractor; rows of a broken model fail."""
@@ -266,8 +273,13 @@ class ScoringActor:
         for i, row in scored.items():
             cal = row.model.calibration
             anomalous = row.score > cal.image_threshold
-            cols["score"][i] = row.score
-            cols["threshold"][i] = cal.image_threshold
+            cols["score"][i] = row.max_score
+            # format-1 models have no max_threshold: their image score was the max of the map
+            cols["threshold"][i] = (
+                cal.image_threshold if cal.max_threshold is None else cal.max_threshold
+            )
+            cols["anomaly_score"][i] = row.score
+            cols["anomaly_threshold"][i] = cal.image_threshold
             cols["pixel_threshold"][i] = cal.pixel_threshold
             cols["is_anomaly"][i] = anomalous
             cols["defect_area_fraction"][i] = row.defect_area_fraction

@@ -19,6 +19,7 @@ Design notes (the "why"):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pathlib
@@ -39,6 +40,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "StorageOptions",
     "copy_to_local",
+    "create_exclusive",
     "exists",
     "get_fs",
     "join_uri",
@@ -48,6 +50,7 @@ __all__ = [
     "read_bytes",
     "read_text",
     "redact",
+    "remove_empty_dir",
     "remove_tree",
     "safe_component",
     "write_bytes_atomic",
@@ -317,47 +320,117 @@ def read_text(uri: str, options: StorageOptions | None = None) -> str:
     return read_bytes(uri, options).decode("utf-8")
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Write via a same-directory temp file + ``os.replace`` so readers never see partial data.
-
-    The temp file is created with ``os.open(..., 0o666)`` (not ``mkstemp``'s 0600) so the final
-    file gets the usual umask-derived permissions.
-    """
-    directory = os.path.dirname(path) or "."
+def _temp_path(path: str, staging_dir: str | None) -> str:
+    """A unique hidden temp name for ``path``: in ``staging_dir`` when given, else beside it."""
+    directory = staging_dir or os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    return os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+
+
+def _write_temp(tmp: str, data: bytes) -> None:
+    """Create ``tmp`` exclusively and flush ``data`` to disk. Created with ``os.open(...,
+    0o666)`` (not ``mkstemp``'s 0600) so the final file gets the usual umask permissions."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _unlink_quietly(path: str) -> None:
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_local_atomic(path: str, data: bytes, staging_dir: str | None = None) -> None:
+    """Write via a temp file + ``os.replace`` so readers never see partial data.
+
+    The temp file lives in ``staging_dir`` when given (a run-scoped directory that readers never
+    look at and that the committing run deletes, so a process killed mid-write leaves nothing
+    in the output tree), else beside the target. A staging directory on another filesystem
+    (EXDEV) falls back to the same-directory temp.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _temp_path(path, staging_dir)
+    try:
+        _write_temp(tmp, data)
         os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if exc.errno == errno.EXDEV and staging_dir is not None:
+            _write_local_atomic(path, data, None)
+            return
+        raise
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
 
 
-def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+def write_bytes_atomic(
+    uri: str, data: bytes, options: StorageOptions | None = None, staging: str | None = None
+) -> None:
     """Write ``data`` so that readers see either the old object or the complete new one.
 
-    Locally that needs temp file + rename; on S3 a PUT (or completed multipart upload) is
-    already atomic, so the object is written directly.
+    The one atomic writer of the project. Locally that needs temp file + rename (the temp goes
+    to ``staging``, a local directory URI, when given); on S3 a PUT (or completed multipart
+    upload) is already atomic, so the object is written directly and ``staging`` is unused.
     """
     protocol, path = _split(uri)
     if protocol == "file":
-        _write_local_atomic(path, bytes(data))
+        staging_dir = None
+        if staging is not None:
+            staging_protocol, staging_dir = _split(staging)
+            if staging_protocol != "file":
+                staging_dir = None
+        _write_local_atomic(path, bytes(data), staging_dir)
         return
     fs, path = get_fs(uri, options)
     fs.pipe_file(path, bytes(data))
 
 
-def write_text_atomic(uri: str, text: str, options: StorageOptions | None = None) -> None:
+def write_text_atomic(
+    uri: str, text: str, options: StorageOptions | None = None, staging: str | None = None
+) -> None:
     """UTF-8 wrapper around :func:`write_bytes_atomic`."""
-    write_bytes_atomic(uri, text.encode("utf-8"), options)
+    write_bytes_atomic(uri, text.encode("utf-8"), options, staging)
+
+
+def _is_precondition_failure(exc: OSError) -> bool:
+    text = str(exc)
+    return "PreconditionFailed" in text or "Precondition Failed" in text or "412" in text
+
+
+def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = None) -> bool:
+    """Create ``uri`` with ``data`` only if it does not exist; False when it already does.
+
+    The conditional create that leases are built on: locally a complete temp file is
+    hard-linked into place (``link`` fails if the name exists, and readers never see a partial
+    file); on S3 a PUT with ``If-None-Match: *`` (AWS S3 and the moto test server honour it;
+    412 Precondition Failed when the key exists).
+    """
+    protocol, path = _split(uri)
+    if protocol == "file":
+        tmp = _temp_path(path, None)
+        try:
+            _write_temp(tmp, bytes(data))
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            _unlink_quietly(tmp)
+        return True
+    fs, path = get_fs(uri, options)
+    try:
+        fs.pipe_file(path, bytes(data), mode="create")
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if _is_precondition_failure(exc):
+            return False
+        raise
+    return True
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -420,6 +493,17 @@ def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = get_fs(uri, options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def remove_empty_dir(uri: str) -> None:
+    """Remove a local directory if it is empty (tidy up after :func:`remove_tree` of its last
+    child); anything else, or S3 (no directories), is left alone."""
+    protocol, path = _split(uri)
+    if protocol == "file":
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def copy_to_local(

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -30,19 +30,21 @@ import torch
 
 from dfr_core.artifact import ArtifactError, save_model
 from dfr_core.backbones import FeatureBackbone, WeightsNotFoundError, build_backbone, list_backbones
-from dfr_core.calibrate import Calibration, calibrate, compute_maps
+from dfr_core.calibrate import Calibration, calibrate
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
 from dfr_core.device import pick_device
-from dfr_core.evaluate import evaluate_outputs, evaluation_curves
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRModel
-from dfr_core.train import fit, holdout_split
-from pipeline import registry, storage
+from dfr_core.train import fit, holdout_splits
+from pipeline import drift_io, evaluation, promotion, registry, storage
+from pipeline.feedback import DEFECT, NORMAL, FeedbackRow, load_feedback
 from pipeline.image_sets import LoadedImages, load_images, resolve_images
 from pipeline.imageio import DecodeError
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
-from pipeline.mvtec_remote import LabelledSetError, load_labelled_set
+from pipeline.model_options import OPTION_NAMES, build_configs
+from pipeline.mvtec_remote import LabelledSample, LabelledSetError
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
+from pipeline.ray_runtime import init_ray
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class TrainJobConfig:
     cache_dir: str | None = None  # local folder for downloaded weights (default: temp dir)
     storage: StorageOptions | None = None  # None: StorageOptions.from_env()
     progress_interval_s: float = 2.0  # fewest seconds between epoch lines of one product
+    #: job-wide model options (pipeline.model_options names -> typed values); rows override
+    model_options: dict[str, Any] = field(default_factory=dict)
+    feedback_uri: str | None = None  # QA verdicts (pipeline.feedback)
+    promotion_tolerance: float = promotion.DEFAULT_TOLERANCE  # the promotion gate's slack
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "only", tuple(self.only))
@@ -99,6 +105,10 @@ class TrainJobConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
         if self.retry_delay_s < 0:
             raise ValueError(f"retry_delay_s must be >= 0, got {self.retry_delay_s}")
+        unknown = sorted(set(self.model_options) - set(OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}; known: {', '.join(OPTION_NAMES)}")
+        build_configs({}, self.model_options, {}, {}, self.calibration)  # raises on bad values
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,10 @@ class LineTask:
     retry_delay_s: float
     cache_dir: str
     threads: int
+    feedback: tuple[FeedbackRow, ...] = ()  # this line's QA verdicts
+    feedback_uri: str | None = None
+    feedback_sha256: str | None = None
+    promotion_tolerance: float = promotion.DEFAULT_TOLERANCE
 
 
 class TrainJobResult(NamedTuple):
@@ -173,37 +187,70 @@ def _check_loaded(
         )
 
 
-def _read_split(task: LineTask, reporter: TaskReporter) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(train images, held-out images, train image count, skipped count)."""
-    row, size, opts = task.row, task.model.image_size, task.storage
+class LineImages(NamedTuple):
+    """A line's normal images by use: training, early stopping, calibration (never shared)."""
+
+    train: np.ndarray
+    early_stopping: np.ndarray
+    calibration: np.ndarray
+    holdout: dict[str, list[str]]  # which image URIs served early stopping / calibration
+    skipped: int
+
+
+def _read_split(task: LineTask, reporter: TaskReporter) -> LineImages:
+    """Training, early-stopping and calibration images: three disjoint sets.
+
+    Without val_uri the held-out slices come from train_uri (TrainConfig.val_fraction and
+    calib_fraction); with val_uri, val_uri is the calibration set and early stopping uses a
+    val_fraction slice of train_uri.
+    """
+    row, size, opts, cfg = task.row, task.model.image_size, task.storage, task.train
     reporter.stage("reading images")
     loaded = load_images(resolve_images(row.train_uri, opts), size, opts)
     _check_loaded(loaded, "train_uri", row.train_uri, task.min_train_images, task)
     skipped = len(loaded.failures)
+    uris = np.array(loaded.uris, dtype=object)
     if row.val_uri is not None:
         val = load_images(resolve_images(row.val_uri, opts), size, opts)
         _check_loaded(val, "val_uri", row.val_uri, 1, task)
-        return loaded.images, val.images, len(loaded.images), skipped + len(val.failures)
-    train_idx, held_idx = holdout_split(
-        len(loaded.images), task.train.val_fraction, task.train.seed
-    )
-    return loaded.images[train_idx], loaded.images[held_idx], len(train_idx), skipped
+        split = holdout_splits(len(loaded.images), cfg.val_fraction, 0.0, cfg.seed)
+        cal_images, cal_uris = val.images, list(val.uris)
+        skipped += len(val.failures)
+    else:
+        split = holdout_splits(len(loaded.images), cfg.val_fraction, cfg.calib_fraction, cfg.seed)
+        cal_images, cal_uris = loaded.images[split.calibration], list(uris[split.calibration])
+    holdout = {"early_stopping": list(uris[split.early_stopping]), "calibration": cal_uris}
+    return LineImages(
+        loaded.images[split.train], loaded.images[split.early_stopping], cal_images, holdout,
+        skipped,
+    )  # fmt: skip
+
+
+def _eval_samples(task: LineTask) -> list[LabelledSample]:
+    """The line's evaluation set: its test set plus the confirmed defects of QA feedback."""
+    samples = []
+    if task.row.test_uri is not None:
+        samples = evaluation.list_eval_samples(task.row.test_uri, task.row.product_line,
+                                               task.storage)  # fmt: skip
+    return samples + evaluation.feedback_samples(task.feedback)
 
 
 def _evaluate(
-    task: LineTask, model: DFRModel, calibration: Calibration, device: torch.device
+    task: LineTask,
+    model: DFRModel,
+    calibration: Calibration,
+    device: torch.device,
+    samples: list[LabelledSample],
 ) -> dict[str, Any]:
-    test = load_labelled_set(task.row.test_uri, task.model.image_size, task.storage)
+    test = evaluation.load_eval_set(samples, task.model.image_size, task.storage)
     if not len(test.images):
         raise LineDataError(f"no readable images in test_uri {task.row.test_uri}")
-    t0 = time.perf_counter()
-    out = compute_maps(model, test.images, device)
-    ms = 1000.0 * (time.perf_counter() - t0) / len(test.images)
-    result = evaluate_outputs(out, test.masks, test.labels, calibration, ms)
-    metrics = result._asdict()
-    metrics["skipped_images"] = len(test.failures)
-    metrics["curves"] = evaluation_curves(out, test.masks, test.labels)
-    return metrics
+    return evaluation.evaluate_model(model, calibration, test, device)
+
+
+def _feedback_normals(task: LineTask) -> LoadedImages | None:
+    uris = [r.image_uri for r in task.feedback if r.label == NORMAL]
+    return load_images(uris, task.model.image_size, task.storage) if uris else None
 
 
 def _node_id() -> str | None:
@@ -213,19 +260,36 @@ def _node_id() -> str | None:
 def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
     row = task.row
     device = pick_device()
-    train_images, held_out, n_train, skipped = _read_split(task, reporter)
+    split = _read_split(task, reporter)
+    train_images, n_train, skipped = split.train, len(split.train), split.skipped
+    normals = _feedback_normals(task)
+    if normals is not None:  # confirmed false positives train the model as normal images
+        train_images = np.concatenate([train_images, normals.images])
+        n_train, skipped = n_train + len(normals.images), skipped + len(normals.failures)
     weights_path = None
     if task.weights_uri:
         weights_path = str(storage.copy_to_local(task.weights_uri, task.cache_dir, task.storage))
     extractor = get_extractor(task.model, weights_path)
     reporter.stage(f"training on {device.type}: {len(train_images)} images")
-    fitted = fit(extractor, task.model, task.train, train_images, held_out, device, reporter.epoch)
-    reporter.stage(f"calibrating on {len(held_out)} held-out images")
-    calibration = calibrate(fitted.model, held_out, task.calibration, device)
+    fitted = fit(
+        extractor, task.model, task.train, train_images, split.early_stopping, device,
+        reporter.epoch,
+    )  # fmt: skip
+    reporter.stage(f"calibrating on {len(split.calibration)} held-out images")
+    calibration = calibrate(fitted.model, split.calibration, task.calibration, device)
+    reference = drift_io.make_reference(
+        fitted.model, split.calibration, train_images, calibration, device
+    )
     metrics: dict[str, Any] = {}
-    if row.test_uri is not None:
+    samples = _eval_samples(task)
+    if samples:
         reporter.stage("evaluating")
-        metrics = _evaluate(task, fitted.model, calibration, device)
+        metrics = _evaluate(task, fitted.model, calibration, device, samples)
+    reporter.stage("promotion gate")
+    gate = promotion.gate_candidate(
+        task.models_uri, row.product_line, metrics, samples, task.promotion_tolerance,
+        task.cache_dir, task.storage, device, get_extractor,
+    )  # fmt: skip
     version = registry.new_version()
     extra = {
         "product_line": row.product_line,
@@ -237,24 +301,41 @@ def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
         "train_image_count": n_train,
         "skipped_images": skipped,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "drift_reference": reference.to_dict(),
     }
-    training = {**fitted.summary, "calibration_config": to_dict(task.calibration)}
+    if task.feedback_uri is not None:
+        extra["feedback"] = {
+            "uri": task.feedback_uri,
+            "sha256": task.feedback_sha256,
+            "normals_trained": 0 if normals is None else len(normals.images),
+            "defects_evaluated": sum(r.label == DEFECT for r in task.feedback),
+        }
+    training = {
+        **fitted.summary,
+        "calibration_config": to_dict(task.calibration),
+        "holdout": split.holdout,
+    }
     reporter.stage(f"publishing version {version}")
     with tempfile.TemporaryDirectory(prefix="dfr-model-") as tmp:
         save_model(fitted.model, tmp, calibration, training, metrics, extra)
-        registry.publish(tmp, task.models_uri, row.product_line, task.storage, version)
+        promotion.write_decision(task.models_uri, row.product_line, version, gate, task.storage)
+        registry.publish(
+            tmp, task.models_uri, row.product_line, task.storage, version, promote=gate.promote
+        )
     return {
         "version": version,
         "device": device.type,
         "node_id": extra["node_id"],
         "train_images": n_train,
-        "held_out_images": len(held_out),
+        "held_out_images": len(split.early_stopping) + len(split.calibration),
         "skipped_images": skipped,
         "latent_dim": fitted.summary["latent_dim"],
         "epochs_run": fitted.summary["epochs_run"],
         "image_threshold": calibration.image_threshold,
         "pixel_threshold": calibration.pixel_threshold,
         "metrics": metrics,
+        "promoted": gate.promote,
+        "promotion": promotion.format_comparison(gate) if not gate.promote else gate.reason,
     }
 
 
@@ -359,20 +440,36 @@ def build_tasks(
         raise ManifestError(config.manifest_uri, conflicts)
     cache_dir = config.cache_dir or os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
     tasks = []
+    problems: list[Problem] = []
+    built = []
     for row in rows:
-        model = ModelConfig(
-            backbone=row.backbone or job_backbone,
-            image_size=row.image_size or config.image_size or ModelConfig().image_size,
-        )
-        train = TrainConfig(
-            epochs=row.epochs or config.epochs or TrainConfig().epochs, seed=config.seed
-        )
+        explicit = {"backbone": row.backbone or config.backbone}
+        explicit["image_size"] = row.image_size or config.image_size
+        try:
+            configs = build_configs(
+                row.options,
+                config.model_options,
+                {k: v for k, v in explicit.items() if v is not None},
+                {
+                    "epochs": row.epochs or config.epochs or TrainConfig().epochs,
+                    "seed": config.seed,
+                },
+                config.calibration,
+            )
+        except ValueError as exc:
+            column, _, message = str(exc).partition(": ")
+            problems.append(Problem(row.line, column, message))
+            continue
+        built.append((row, configs))
+    if problems:
+        raise ManifestError(config.manifest_uri, problems)
+    for row, (model, train, calibration) in built:
         tasks.append(
             LineTask(
                 row=row,
                 model=model,
                 train=train,
-                calibration=config.calibration,
+                calibration=calibration,
                 models_uri=config.models_uri,
                 weights_uri=config.weights_uri,
                 storage=options,
@@ -389,18 +486,9 @@ def build_tasks(
 
 def _ensure_ray(config: TrainJobConfig) -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
-        # without --address the job is self-contained; --address auto joins that cluster.
-        address=config.address or "local",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
-    return True
+    # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
+    # without --address the job is self-contained; --address auto joins that cluster.
+    return init_ray(config.address or "local", log_to_driver=True)
 
 
 def _check_resources(config: TrainJobConfig, local: bool, echo: Echo) -> None:
@@ -451,7 +539,7 @@ def run_train_job(config: TrainJobConfig, echo: Echo | None = None) -> TrainJobR
     rows = load_manifest(config.manifest_uri, check)
     if config.weights_uri and not storage.exists(config.weights_uri, options):
         raise FileNotFoundError(f"--weights {config.weights_uri}: not found")
-    tasks = build_tasks(config, rows, options)
+    tasks = _with_feedback(config, build_tasks(config, rows, options), options)
     echo(f"manifest OK: {len(tasks)} product line{'s' if len(tasks) != 1 else ''}")
     started = _ensure_ray(config)
     try:
@@ -460,6 +548,31 @@ def run_train_job(config: TrainJobConfig, echo: Echo | None = None) -> TrainJobR
     finally:
         if started:
             ray.shutdown()
+
+
+def _with_feedback(
+    config: TrainJobConfig, tasks: list[LineTask], options: StorageOptions
+) -> list[LineTask]:
+    """Validate the feedback table (FeedbackError: nothing trains) and give each line its rows."""
+    tasks = [replace(t, promotion_tolerance=config.promotion_tolerance) for t in tasks]
+    if config.feedback_uri is None:
+        return tasks
+    known = {t.row.product_line for t in tasks}
+    known |= {
+        line
+        for line in registry.list_product_lines(config.models_uri, options)
+        if registry.latest_version(config.models_uri, line, options) is not None
+    }
+    feedback = load_feedback(config.feedback_uri, known, options)
+    return [
+        replace(
+            task,
+            feedback=feedback.for_line(task.row.product_line),
+            feedback_uri=feedback.uri,
+            feedback_sha256=feedback.sha256,
+        )
+        for task in tasks
+    ]
 
 
 def _run_tasks(config: TrainJobConfig, tasks: list[LineTask], echo: Echo) -> TrainJobResult:

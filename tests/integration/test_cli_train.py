@@ -74,7 +74,9 @@ def test_train_and_list_on_s3(ray_session: object, s3_bucket: str, s3_server, da
 
     listed = CliRunner().invoke(main, ["models", "list", "--models-uri", models])
     assert listed.exit_code == 0, listed.output
-    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    table, reasons = listed.stdout.split("\n\n")
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert f"LATEST wood_panel {wood_v}: promoted: first version of the line" in reasons
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ("wood_panel", wood_v, "yes"),
         ("woven_fabric", fabric_v, "yes"),

@@ -50,7 +50,7 @@ DATE = "2024-05-01"
 BAD_FILES = {  # name -> (bytes, expected error reason)
     "zero.png": (b"", "empty_file"),
     "notes.png": (b"this is not an image", "not_an_image"),
-    "anim.gif": (None, "unsupported_format"),
+    "icon.pcx": (None, "unsupported_format"),  # a format Pillow knows but we do not accept
     "cut.png": (None, "truncated"),
 }
 
@@ -114,7 +114,7 @@ def world(s3_server, ray_session, tmp_path_factory) -> World:
         files[f"{NO_MODEL_LINE}/{i}.png"] = _png(render_normal(NO_MODEL_LINE, i, SIZE))
     good = _png(render_normal(LINES[0], 7, SIZE))
     bad = dict(BAD_FILES)
-    bad["anim.gif"] = (_png(np.zeros((8, 8), np.uint8), "GIF"), "unsupported_format")
+    bad["icon.pcx"] = (_png(np.zeros((8, 8), np.uint8), "PCX"), "unsupported_format")
     bad["cut.png"] = (good[: len(good) // 2], "truncated")
     for name, (data, reason) in bad.items():
         files[f"{LINES[0]}/bad/{name}"] = data

@@ -17,6 +17,7 @@ from dfr_core.fastpath import (
     extract_regional,
     fast_error_grid,
     folded_head,
+    pooled_means,
     reference_error_grid,
 )
 from dfr_core.inference import extract, forward_batch, head_output
@@ -75,6 +76,16 @@ def test_vgg19_12_error_grid_equals_reference(vgg19_12):
     maps = extract_regional(extractor, x)
     assert [m.shape[-1] for m in maps.coarse] == [16]  # relu4_x: 16 x 16 under a 32 x 32 grid
     _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
+
+
+def test_pooled_means_in_reference_channel_order(vgg19_12):
+    """The global score term's input: coarse layers are regrouped in the fast path, the means
+    must come back in the extractor's channel order."""
+    _, extractor = vgg19_12
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = extractor(x).mean(dim=(2, 3))
+    torch.testing.assert_close(pooled_means(extractor, extract_regional(extractor, x)), ref)
 
 
 @pytest.mark.parametrize("feature_norm", ["channel", "none"])

@@ -43,7 +43,8 @@ def test_fit_summary_and_shapes(trained):
     out = compute_maps(result.model, _images(2, 3))
     assert out.anomaly_map.shape == (2, SIZE, SIZE) and out.score.shape == (2,)
     assert torch.isfinite(out.anomaly_map).all() and (out.anomaly_map >= 0).all()
-    assert torch.allclose(out.score, out.anomaly_map.flatten(1).max(dim=1).values)
+    assert torch.allclose(out.max_score, out.anomaly_map.flatten(1).max(dim=1).values)
+    assert torch.isfinite(out.score).all()
     assert cal.pixel_threshold > 0 and cal.n_images == 3
 
 

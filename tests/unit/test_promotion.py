@@ -1,0 +1,71 @@
+"""The promotion gate's comparison, its records, and the manual override on a local registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfr_core.artifact import save_model
+from dfr_core.calibrate import Calibration
+from dfr_core.config import ModelConfig
+from dfr_core.model import DFRHead, DFRModel, build_extractor
+from pipeline import promotion, registry
+from pipeline.promotion import Basis, GateResult, compare
+from pipeline.promotion_cli import describe, why_latest
+
+GOOD = {"image_auroc": 0.95, "pixel_auroc": 0.97, "pro": 0.90, "tpr_at_1pct_fpr": 0.6,
+        "realised_image_fpr": 0.02, "realised_image_recall": 0.8}  # fmt: skip
+
+
+def test_a_weak_candidate_is_held_a_comparable_one_promoted() -> None:
+    weak = {**GOOD, "image_auroc": 0.70, "pro": 0.5}
+    held = compare(weak, GOOD, "v1", tolerance=0.02)
+    assert not held.promote and held.basis == Basis.GATE
+    assert "image_auroc 0.7000 < 0.9500" in held.reason and "pro" in held.reason
+    assert held.comparison["image_auroc"]["delta"] == pytest.approx(-0.25)
+    slightly = {**GOOD, "image_auroc": 0.94, "realised_image_recall": 0.1}  # recall not gated
+    assert compare(slightly, GOOD, "v1", tolerance=0.02).promote
+    assert GateResult.from_dict(held.to_dict()) == held
+
+
+def test_only_metrics_both_versions_have_are_gated() -> None:
+    image_only = {"image_auroc": 0.96, "pixel_auroc": None, "pro": None}
+    result = compare(image_only, GOOD, "v1")
+    assert result.promote and result.reason.endswith("on image_auroc")
+    assert compare({}, GOOD, "v1").basis == Basis.NO_EVALUATION_SET
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = ModelConfig(image_size=64)
+    extractor = build_extractor(config)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("artifact")
+    save_model(DFRModel(extractor, DFRHead(config, extractor.channels, 8)), directory,
+               Calibration(1.5, 2.5, 0.005, 0.01, 3))  # fmt: skip
+    return directory
+
+
+def test_held_versions_are_published_not_latest_and_promote_overrides(artifact, tmp_path):
+    models = str(tmp_path / "models")
+    first = GateResult(True, Basis.FIRST_VERSION, "promoted: first version of the line")
+    promotion.write_decision(models, "metal", "v1", first)
+    registry.publish(artifact, models, "metal", version="v1")
+    held = compare({**GOOD, "image_auroc": 0.5}, GOOD, "v1")
+    promotion.write_decision(models, "metal", "v2", held)
+    registry.publish(artifact, models, "metal", version="v2", promote=held.promote)
+    assert registry.list_versions(models, "metal") == ["v1", "v2"]
+    assert registry.latest_version(models, "metal") == "v1"
+    rows = describe(models)
+    assert [r["decision"] for r in rows] == ["promoted (first_version)", "held (gate)"]
+    assert "newer versions held back: v2" in why_latest(models, rows)["metal"]
+
+    result = promotion.promote(models, "metal", "v2", reason="QA accepts the trade-off")
+    assert result.basis == Basis.MANUAL and registry.latest_version(models, "metal") == "v2"
+    why = why_latest(models, describe(models))["metal"]
+    assert why.startswith("v2: promoted by hand over v1: QA accepts")
+    with pytest.raises(ValueError, match="no complete version 'v9'"):
+        promotion.promote(models, "metal", "v9")
+    assert registry.latest_version(models, "metal") == "v2"
