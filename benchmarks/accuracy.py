@@ -1,11 +1,19 @@
 """Accuracy benchmark: train and evaluate DFR on real MVTec-layout datasets.
 
-    python benchmarks/accuracy.py --data ../shared/datasets/magnetic_tile/magnetic_tile \
-        --data ../shared/datasets/kolektorsdd/kolektorsdd
+    python benchmarks/accuracy.py --data ../shared/datasets/magnetic_tile/magnetic_tile \\
+        --score-variants --per-type
 
-Prints one row per dataset and configuration: image AUROC, pixel AUROC, PRO@0.3, F1/IoU at the
-calibrated pixel threshold, latent d, epochs, training wall time and inference ms/image on this
-machine. Configurations are the defaults plus any --vary option values.
+Protocol: the normal training images are split three ways (dfr_core.train.holdout_splits):
+training, an early-stopping slice (validation loss; also the score terms' scales) and a disjoint
+calibration slice (thresholds only). One row per dataset and configuration: image AUROC, pixel
+AUROC, PRO@0.3, image TPR at 1 % image FPR, the realised image FPR / recall of the calibrated
+image threshold on the test split, mask F1 / IoU at the calibrated pixel threshold, latent d,
+epochs, fit time, ms/image, model size (head.pt + model.json).
+
+Configurations: the defaults, plus one retrained model per --vary value; with --score-variants
+each trained model is also scored with each alternative image-score / smoothing / pixel-FPR
+setting of SCORE_VARIANTS, from cached features (no retraining: only the head runs again and
+the score scales and thresholds are refitted on the same held-out slices).
 """
 
 from __future__ import annotations
@@ -14,19 +22,48 @@ import argparse
 import dataclasses
 import resource
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dfr_core.calibrate import calibrate, compute_maps
+from dfr_core.artifact import save_model
+from dfr_core.calibrate import calibrate_outputs
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
 from dfr_core.datasets import list_category, load_images, load_test
-from dfr_core.evaluate import evaluate_outputs
-from dfr_core.model import AnomalyOutput, build_extractor
-from dfr_core.train import fit, holdout_split
+from dfr_core.evaluate import EvalResult, evaluate_outputs
+from dfr_core.model import AnomalyOutput, DFRModel, build_extractor, concat_outputs
+from dfr_core.train import feature_batches, fit, fit_score_scales, holdout_splits
+
+#: Alternatives scored on the defaults' model: (label, ModelConfig changes, CalibrationConfig).
+SCORE_VARIANTS: tuple[tuple[str, dict, dict], ...] = (
+    ("paper score: max, raw, sigma 0", {"smoothing_sigma": 0.0, "image_score": "max",
+                                        "score_norm": "none", "global_weight": 0.0}, {}),
+    ("max, raw, sigma 4 (old default)", {"smoothing_sigma": 4.0, "image_score": "max",
+                                         "score_norm": "none", "global_weight": 0.0}, {}),
+    ("max, raw", {"image_score": "max", "score_norm": "none", "global_weight": 0.0}, {}),
+    ("top 0.1 %, raw", {"topk_fraction": 0.001, "score_norm": "none", "global_weight": 0.0}, {}),
+    ("top 1 %, raw", {"topk_fraction": 0.01, "score_norm": "none", "global_weight": 0.0}, {}),
+    ("top 5 %, raw", {"topk_fraction": 0.05, "score_norm": "none", "global_weight": 0.0}, {}),
+    ("top 1 %, normalised, no global", {"topk_fraction": 0.01, "global_weight": 0.0}, {}),
+    ("global term only (weight 1000)", {"global_weight": 1000.0}, {}),
+    ("global weight 0.5", {"global_weight": 0.5}, {}),
+    ("global weight 1", {"global_weight": 1.0}, {}),
+    ("global weight 2", {"global_weight": 2.0}, {}),
+    ("sigma 0", {"smoothing_sigma": 0.0}, {}),
+    ("sigma 4", {"smoothing_sigma": 4.0}, {}),
+    ("sigma 8", {"smoothing_sigma": 8.0}, {}),
+    ("sigma 16", {"smoothing_sigma": 16.0}, {}),
+    ("pixel FPR 0.01", {}, {"pixel_fpr": 0.01}),
+    ("pixel FPR 0.02", {}, {"pixel_fpr": 0.02}),
+)  # fmt: skip
+
+HEADER = (
+    "| dataset | config | image AUROC | pixel AUROC | PRO@0.3 | TPR@1%FPR | real. FPR | "
+    "real. recall | mask F1 | mask IoU | d | epochs | fit s | ms/img | model KB |"
+)
 
 
 def parse_value(field: str, text: str):
@@ -66,70 +103,106 @@ def load_data(root: Path, size: int, cache: dict, max_train: int | None):
     return (train_all[:max_train] if max_train else train_all), test
 
 
-def evaluate_row(model, cal_images, test, sigma: float, per_type: bool) -> dict:
-    """Calibrate and evaluate the trained model with smoothing sigma (no retraining needed)."""
-    model.head.config = dataclasses.replace(model.head.config, smoothing_sigma=sigma)
-    cal = calibrate(model, cal_images, CalibrationConfig())
+class Cached:
+    """Features of one image set, fp16 on the CPU, so heads can be rerun without the backbone."""
+
+    def __init__(self, model: DFRModel, images: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        cpu = torch.device("cpu")
+        self.feats = [f.half() for f in feature_batches(model.extractor, images, 8, cpu)]
+        self.backbone_s = time.perf_counter() - t0
+        self.n = len(images)
+
+    def batches(self):
+        return (f.float() for f in self.feats)
+
+    @torch.no_grad()
+    def outputs(self, model: DFRModel) -> AnomalyOutput:
+        return concat_outputs([model.head(f) for f in self.batches()])
+
+
+def model_kb(model: DFRModel, calibration) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp, calibration)
+        return sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1024
+
+
+def score(model: DFRModel, sets: dict[str, Cached], test, cal_cfg, per_type: bool):
+    """Refit the score scales on the early-stopping slice, calibrate on the calibration slice,
+    evaluate on the test split: (EvalResult, per-type AUROCs, calibration)."""
+    fit_score_scales(model.head, sets["es"].batches())
+    cal = calibrate_outputs(sets["cal"].outputs(model), cal_cfg)
     t0 = time.perf_counter()
-    out = compute_maps(model, test.images)
-    ms = 1000.0 * (time.perf_counter() - t0) / len(test.images)
+    out = sets["test"].outputs(model)
+    ms = (sets["test"].backbone_s + time.perf_counter() - t0) * 1000 / sets["test"].n
     ev = evaluate_outputs(out, test.masks, test.labels, cal, ms)
     types = {}
     for kind in sorted(set(test.defects) - {"good"}) if per_type else []:
-        sel = torch.from_numpy(np.array([d in ("good", kind) for d in test.defects]))
-        sub_out = AnomalyOutput(out.anomaly_map[sel], out.score[sel])
-        sub = evaluate_outputs(sub_out, test.masks[sel.numpy()], test.labels[sel.numpy()], cal)
-        types[kind] = (sub.image_auroc, sub.pixel_auroc, sub.pro)
-    return {"ev": ev, "per_type": types}
+        sel = np.array([d in ("good", kind) for d in test.defects])
+        sub = AnomalyOutput(out.anomaly_map[sel], out.score[sel], out.max_score[sel])
+        r = evaluate_outputs(sub, test.masks[sel], test.labels[sel], cal)
+        types[kind] = (r.image_auroc, r.pixel_auroc, r.pro)
+    return ev, types, cal
 
 
-def run_one(root: Path, overrides: dict, cache: dict, args) -> Iterator[dict]:
-    """Train once with `overrides`; evaluate at each --sigmas value (default: the config's)."""
+def run_one(root: Path, overrides: dict, cache: dict, args) -> None:
+    """Train once with `overrides`; print its row (and the score variants' rows)."""
     mcfg, tcfg = split_overrides(overrides)
     train_all, test = load_data(root, mcfg.image_size, cache, args.max_train)
-    tr, va = holdout_split(len(train_all), tcfg.val_fraction, tcfg.seed)
+    split = holdout_splits(len(train_all), tcfg.val_fraction, tcfg.calib_fraction, tcfg.seed)
     torch.manual_seed(tcfg.seed)
     t0 = time.perf_counter()
 
     def progress(s) -> None:
         if args.verbose:
-            print(
-                f"  epoch {s.epoch}/{s.epochs} train {s.train_loss:.4f} val {s.val_loss}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"  epoch {s.epoch} train {s.train_loss:.4f} val {s.val_loss}", file=sys.stderr)
 
-    result = fit(build_extractor(mcfg), mcfg, tcfg, train_all[tr], train_all[va], progress=progress)
+    result = fit(
+        build_extractor(mcfg), mcfg, tcfg, train_all[split.train],
+        train_all[split.early_stopping], progress=progress,
+    )  # fmt: skip
     fit_s = time.perf_counter() - t0
-    for sigma in args.sigmas or [mcfg.smoothing_sigma]:
-        r = evaluate_row(result.model, train_all[va], test, sigma, args.per_type)
-        cfg = dict(overrides)
-        if args.sigmas:
-            cfg["smoothing_sigma"] = sigma
-        yield {
-            **r,
-            "config": cfg or {"defaults": True},
-            "summary": result.summary,
-            "fit_s": fit_s,
-            "train_images": len(tr),
-        }
-
-
-def print_row(root: Path, r: dict) -> None:
-    ev, s = r["ev"], r["summary"]
-    cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+    model = result.model.eval()
+    sets = {
+        "es": Cached(model, train_all[split.early_stopping]),
+        "cal": Cached(model, train_all[split.calibration]),
+        "test": Cached(model, test.images),
+    }
+    label = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+    ev, types, cal = score(model, sets, test, CalibrationConfig(), args.per_type)
+    info = (result.summary, fit_s, model_kb(model, cal))
+    print_row(root, label, ev, types, info)
+    if args.score_variants:
+        base = model.head.config
+        for name, changes, cal_changes in SCORE_VARIANTS:
+            model.head.config = dataclasses.replace(base, **changes)
+            ev, types, _ = score(model, sets, test, CalibrationConfig(**cal_changes), False)
+            print_row(root, name, ev, types, info)
+        model.head.config = base
     print(
-        f"| {root.name} | {cfg} | {fmt(ev.image_auroc)} | {fmt(ev.pixel_auroc)} | "
-        f"{fmt(ev.pro)} | {fmt(ev.f1)} | {fmt(ev.iou)} | {s['channels']} | {s['latent_dim']} | "
-        f"{s['epochs_run']} | {r['train_images']} | {r['fit_s']:.0f} | {ev.ms_per_image:.0f} |",
+        f"<!-- {root.name} {label}: split train/early-stop/calibration = {len(split.train)}/"
+        f"{len(split.early_stopping)}/{len(split.calibration)}, best epoch "
+        f"{result.summary['best_epoch']}, score terms {result.summary['score_terms']} -->",
         flush=True,
     )
-    for kind, (ia, pa, pro) in r["per_type"].items():
-        print(f"|   {kind} | | {fmt(ia)} | {fmt(pa)} | {fmt(pro)} | | | | | | | | |", flush=True)
 
 
 def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def print_row(root: Path, label: str, ev: EvalResult, types: dict, info) -> None:
+    summary, fit_s, kb = info
+    print(
+        f"| {root.name} | {label} | {fmt(ev.image_auroc)} | {fmt(ev.pixel_auroc)} | "
+        f"{fmt(ev.pro)} | {fmt(ev.tpr_at_1pct_fpr)} | {fmt(ev.realised_image_fpr)} | "
+        f"{fmt(ev.realised_image_recall)} | {fmt(ev.f1)} | {fmt(ev.iou)} | "
+        f"{summary['latent_dim']} | {summary['epochs_run']} | {fit_s:.0f} | "
+        f"{ev.ms_per_image:.0f} | {kb:.0f} |",
+        flush=True,
+    )
+    for kind, (ia, pa, pro) in types.items():
+        print(f"|   {kind} | | {fmt(ia)} | {fmt(pa)} | {fmt(pro)} |" + " |" * 10, flush=True)
 
 
 def main() -> None:
@@ -138,18 +211,10 @@ def main() -> None:
     ap.add_argument(
         "--vary", action="append", default=[], help="field=v1,v2 (ModelConfig/TrainConfig field)"
     )
-    ap.add_argument(
-        "--max-train", type=int, default=None, help="cap on training images (quick runs)"
-    )
+    ap.add_argument("--max-train", type=int, default=None, help="cap on training images")
     ap.add_argument("--per-type", action="store_true", help="also print metrics per defect type")
+    ap.add_argument("--score-variants", action="store_true", help="score SCORE_VARIANTS too")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument(
-        "--sigmas",
-        type=float,
-        nargs="*",
-        default=None,
-        help="evaluate each trained model at these smoothing sigmas (no retraining)",
-    )
     ap.add_argument("--skip-defaults", action="store_true", help="only the --vary runs")
     ap.add_argument("--verbose", action="store_true", help="per-epoch losses on stderr")
     args = ap.parse_args()
@@ -157,19 +222,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, defaults: "
-        f"{ModelConfig()} {TrainConfig()}",
+        f"{ModelConfig()} {TrainConfig()} {CalibrationConfig()}",
         flush=True,
     )
-    header = (
-        "| dataset | config | image AUROC | pixel AUROC | PRO@0.3 | F1 | IoU | C | d | epochs "
-        "| train imgs | fit s | ms/img |"
-    )
-    print(header + "\n|" + "---|" * 13, flush=True)
+    print(HEADER + "\n|" + "---|" * 15, flush=True)
     for root in map(Path, args.data):
         cache: dict = {}
         for overrides in variants(args):
-            for row in run_one(root, overrides, cache, args):
-                print_row(root, row)
+            run_one(root, overrides, cache, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {peak:.1f} GiB")
 

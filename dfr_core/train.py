@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -218,41 +218,48 @@ def pooled_bank(head: DFRHead, bank: torch.Tensor, device: torch.device) -> torc
     return torch.cat(rows)
 
 
+def feature_batches(
+    extractor: FeatureExtractor, images: np.ndarray, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Regional features of (N, S, S, 3) uint8 images, batch by batch, float32 on `device`."""
+    for i in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+        with inference_mode(device):
+            feats = extractor(normalize_batch(batch.to(device)))
+        yield feats.float()
+
+
 @torch.no_grad()
-def fit_score_terms(
-    head: DFRHead,
-    extractor: FeatureExtractor,
-    bank: torch.Tensor,
-    norm_images: np.ndarray,
-    cfg: TrainConfig,
-    device: torch.device,
-) -> dict:
-    """Fit what the image score needs beyond the CAE: the training images' pooled-feature
-    Gaussian (global term) and each term's scale on held-out normal images. Deterministic."""
-    config = head.config
-    info: dict = {}
-    if config.global_weight > 0:
-        mean, precision, shrink = ledoit_wolf(pooled_bank(head, bank, device))
-        head.set_global_gaussian(mean.to(device), precision.to(device))
-        info["global_shrinkage"] = shrink
-    if config.score_norm == "quantile":
-        terms = []
-        for i in range(0, len(norm_images), cfg.feature_batch_size):
-            batch = torch.from_numpy(
-                np.ascontiguousarray(norm_images[i : i + cfg.feature_batch_size])
-            )
-            with inference_mode(device):
-                feats = extractor(normalize_batch(batch.to(device)))
-            terms.append(head.terms(feats.float())[1])
-        local = quantile_scale(torch.cat([t.local.cpu() for t in terms]))
-        glob = None
-        if config.global_weight > 0:
-            glob = quantile_scale(torch.cat([t.global_distance.cpu() for t in terms]))
-        head.set_score_scales(local.to(device), None if glob is None else glob.to(device))
-        info["local_scale"] = local.tolist()
-        info["global_scale"] = None if glob is None else glob.tolist()
-        info["scale_images"] = int(len(norm_images))
-    return info
+def fit_global_term(head: DFRHead, bank: torch.Tensor, device: torch.device) -> dict:
+    """The training images' pooled-feature Gaussian (Ledoit-Wolf), for global_weight > 0."""
+    if head.config.global_weight <= 0:
+        return {}
+    mean, precision, shrink = ledoit_wolf(pooled_bank(head, bank, device))
+    head.set_global_gaussian(mean.to(device), precision.to(device))
+    return {"global_shrinkage": shrink}
+
+
+@torch.no_grad()
+def fit_score_scales(head: DFRHead, batches: Iterable[torch.Tensor]) -> dict:
+    """Each term's (q_lo, q_hi) on held-out normal images' features, for score_norm='quantile'.
+
+    Takes feature batches (not images) so a benchmark can refit the scales of another score
+    configuration from cached features; deterministic.
+    """
+    if head.config.score_norm != "quantile":
+        return {}
+    terms = [head.terms(feats)[1] for feats in batches]
+    local = quantile_scale(torch.cat([t.local.cpu() for t in terms]))
+    glob = None
+    if head.config.global_weight > 0:
+        glob = quantile_scale(torch.cat([t.global_distance.cpu() for t in terms]))
+    device = head.feature_mean.device
+    head.set_score_scales(local.to(device), None if glob is None else glob.to(device))
+    return {
+        "local_scale": local.tolist(),
+        "global_scale": None if glob is None else glob.tolist(),
+        "scale_images": sum(len(t.local) for t in terms),
+    }
 
 
 def fit(
@@ -300,7 +307,9 @@ def fit(
         best_epoch, best_loss = len(history), last_train
     head.eval()
     norm_images = val_images if val_images is not None and len(val_images) else train_images
-    score_terms = fit_score_terms(head, extractor, bank, norm_images, cfg, device)
+    score_terms = fit_global_term(head, bank, device)
+    batches = feature_batches(extractor, norm_images, cfg.feature_batch_size, device)
+    score_terms.update(fit_score_scales(head, batches))
     score_terms["scales_from"] = "early_stopping" if norm_images is val_images else "training"
     head.eval()
     summary = {

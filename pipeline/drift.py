@@ -8,12 +8,14 @@ Three signals, each a significance test with an effect-size floor where a p-valu
 flag trivial shifts on large nights:
 
 * **anomaly rate** - the night's flagged fraction of ok rows against what the calibration
-  promises: one-sided binomial test (``scipy.stats.binomtest``) of ``n_anomalous`` out of
-  ``n_ok`` against ``expected_rate``. The promise is not the target FPR alone: a threshold set
-  on n reference images with k of them above it lets a new normal image exceed it with
-  probability up to (k + 1) / (n + 1) (the conformal bound), which on a small calibration set is
-  well above a 1 % target; ``expected_rate`` is the larger of the two, so a normal night of a
-  line calibrated on 20 images does not page anyone.
+  promises. A threshold set on n reference images with k of them above it is exceeded by a new
+  normal image with probability p whose distribution over calibration sets is Beta(k+1, n-k)
+  (mean (k+1)/(n+1), the ``expected_rate``, well above a 1 % target on a small calibration set).
+  So under "the night is like the calibration images" the number of flags among m ok rows is
+  beta-binomial(m, k+1, n-k), and the p-value is its upper tail (``scipy.stats.betabinom``): on
+  a 20-image calibration set a normal night whose calibration happened to be unlucky does not
+  page anyone, while on a large calibration set the test tends to the binomial test against
+  (k+1)/(n+1). Without reference scores it is the binomial test against the target FPR.
 * **score shift** - two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``) of the ok
   rows' image scores against the reference scores of the calibration images.
 * **input shift** - the same KS test for each input statistic (pipeline.input_stats) against
@@ -93,6 +95,16 @@ class DriftReference:
             return self.image_fpr
         above = int(np.count_nonzero(scores > self.image_threshold))
         return max(self.image_fpr, (above + 1) / (scores.size + 1))
+
+    def anomaly_p(self, flagged: int, total: int) -> float:
+        """P(at least ``flagged`` of ``total`` normal images exceed the threshold): the
+        beta-binomial upper tail (module doc)."""
+        scores = np.asarray(self.image_scores, dtype=np.float64)
+        if not scores.size:
+            return float(stats.binomtest(flagged, total, self.image_fpr, "greater").pvalue)
+        above = int(np.count_nonzero(scores > self.image_threshold))
+        tail = stats.betabinom.sf(flagged - 1, total, above + 1, scores.size - above)
+        return float(min(1.0, max(0.0, tail)))
 
 
 @dataclass(frozen=True)
@@ -195,9 +207,7 @@ def compute_drift(
         notes.append("the model has no drift reference (trained before drift watch)")
     elif n_ok:
         values["expected_rate"] = reference.expected_rate
-        values["anomaly_p"] = float(
-            stats.binomtest(n_anom, n_ok, reference.expected_rate, alternative="greater").pvalue
-        )
+        values["anomaly_p"] = reference.anomaly_p(n_anom, n_ok)
         values["score_ks"], values["score_p"] = _ks(
             _column(rows, SCORE_COLUMN, ok), reference.image_scores
         )

@@ -149,7 +149,8 @@ def write_line_drift(
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     uri = drift_file_uri(output, drift.run_date, drift.product_line, run_key)
-    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), options)
+    staging = outputs.staging_uri(output, drift.run_date)  # temp files where readers never look
+    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), options, staging)
     return uri
 
 

@@ -23,12 +23,14 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline import listing_arrow as la
 from pipeline import storage
 from pipeline.image_sets import canonical_uri
 from pipeline.storage import StorageOptions
@@ -74,7 +76,7 @@ class Listing:
     @property
     def product_lines(self) -> list[str]:
         """Distinct product lines (valid ones only), sorted."""
-        lines = set(self.table.column("product_line").to_pylist())
+        lines = set(pc.unique(self.table.column("product_line")).to_pylist())
         return sorted(lines - {INVALID_LINE})
 
 
@@ -158,9 +160,18 @@ def _read_listing_file(uri: str, options: StorageOptions | None) -> pa.Table:
             else pa.nulls(n, TIMESTAMP)
         ),
     }
-    uris = [None if u is None else _resolve_uri(u, uri) for u in columns["image_uri"].to_pylist()]
-    columns["image_uri"] = pa.array(uris, pa.string())
+    columns["image_uri"] = _resolve_relative(columns["image_uri"].combine_chunks(), uri)
     return pa.table(columns)
+
+
+def _resolve_relative(uris: pa.Array, listing_uri: str) -> pa.Array:
+    """:func:`_resolve_uri` for the entries that need it (relative ones) only."""
+    absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
+    relative = pc.fill_null(pc.invert(absolute), False)
+    if not pc.any(relative).as_py():
+        return uris
+    resolved = [_resolve_uri(u, listing_uri) for u in uris.filter(relative).to_pylist()]
+    return pc.replace_with_mask(uris, relative, pa.array(resolved, pa.string()))
 
 
 def _list_prefix(
@@ -198,85 +209,100 @@ def _list_prefix(
     )
 
 
-def _checked(value: str | None, what: str) -> str | None:
-    """None when ``value`` is a safe path component, else the reason it is not."""
-    try:
-        storage.safe_component(value if value is not None else "", what)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
     """Raw rows -> the deterministic listing: ids derived/validated, sorted, deduplicated, sharded.
 
     Rows are sorted by (product_line, image_id, image_uri) and each product line is cut into
-    shards of ``shard_size`` rows, so the same input always yields the same shards.
+    shards of ``shard_size`` rows, so the same input always yields the same shards. Vectorised
+    in Arrow (Python objects only per chunk or per problem row), so the driver holds about
+    150 bytes per listed image rather than a Python tuple per row.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    rows = []
-    for uri, line, given, captured in zip(
-        raw.column("image_uri").to_pylist(),
-        raw.column("product_line").to_pylist(),
-        raw.column("image_id").to_pylist(),
-        raw.column("captured_at").to_pylist(),
-        strict=True,
-    ):
-        reason = message = None
-        uri = "" if uri is None else uri
-        if not uri.strip():
-            reason, message = "bad_uri", "empty image_uri"
-        line_problem = _checked(line, "product line")
-        if line_problem:
-            reason, message = "bad_product_line", line_problem
-            line = INVALID_LINE
-        if given is None or given == "":
-            image_id = derive_image_id(uri)
-        else:
-            image_id = given
-            id_problem = _checked(given, "image id")
-            if id_problem and reason is None:
-                reason, message = "bad_image_id", id_problem
-        rows.append((line, image_id, uri, captured, reason, message))
-    rows.sort(key=lambda r: (r[0], r[1], r[2]))
-
-    shards, statuses, reasons, errors = [], [], [], []
-    digest = hashlib.sha256()
-    previous: tuple[str, str] | None = None
-    first_uri = ""
-    ordinal = 0
-    for line, image_id, uri, captured, reason, message in rows:
-        key = (line, image_id)
-        if previous is None or previous[0] != line:
-            ordinal = 0
-        if key == previous and reason is None:
-            reason = "duplicate_image_id"
-            message = f"image id {image_id!r} already used in this listing by {first_uri}"
-        elif key != previous:
-            first_uri = uri
-        previous = key
-        shards.append(ordinal // shard_size)
-        ordinal += 1
-        statuses.append("ok" if reason is None else "error")
-        reasons.append(reason)
-        errors.append(None if reason is None else f"{reason}: {message}")
-        digest.update(f"{line}\0{image_id}\0{uri}\0{captured}\n".encode())
-    digest.update(f"shard_size={shard_size}".encode())
+    raw = raw.combine_chunks()
+    # Cast: a column of nulls only (e.g. no image_id at all) arrives as Arrow's null type.
+    uri = pc.fill_null(pc.cast(raw.column("image_uri").combine_chunks(), pa.string()), "")
+    line = pc.cast(raw.column("product_line").combine_chunks(), pa.string())
+    given = pc.cast(raw.column("image_id").combine_chunks(), pa.string())
+    line, reason, message = la.row_problems(uri, line, given, INVALID_LINE)
+    missing_id = pc.fill_null(pc.equal(given, ""), True)
+    if pc.any(missing_id).as_py():
+        derived = la.derived_ids(uri.filter(missing_id), derive_image_id)
+        image_id = pc.replace_with_mask(given, missing_id, derived)
+    else:
+        image_id = given
     table = pa.table(
         {
-            "image_id": pa.array([r[1] for r in rows], pa.string()),
-            "image_uri": pa.array([r[2] for r in rows], pa.string()),
-            "product_line": pa.array([r[0] for r in rows], pa.string()),
-            "captured_at": pa.array([r[3] for r in rows], TIMESTAMP),
+            "product_line": line,
+            "image_id": image_id,
+            "image_uri": uri,
+            "captured_at": pc.cast(raw.column("captured_at").combine_chunks(), TIMESTAMP),
+            "reason": reason,
+            "message": message,
+        }
+    )
+    del raw, uri, line, given, image_id, reason, message
+    order = pc.sort_indices(
+        table,
+        sort_keys=[
+            ("product_line", "ascending"),
+            ("image_id", "ascending"),
+            ("image_uri", "ascending"),
+        ],
+    )
+    table = table.take(order)
+    del order
+    n = table.num_rows
+    lines = table.column("product_line").combine_chunks()
+    ids = table.column("image_id").combine_chunks()
+    reason = table.column("reason").combine_chunks()
+    message = table.column("message").combine_chunks()
+
+    # Ordinal within the line (lines are contiguous after the sort) -> shard.
+    codes = np.asarray(pc.dictionary_encode(lines).indices.to_numpy(zero_copy_only=False))
+    new_line = np.ones(n, dtype=bool)
+    new_key = np.ones(n, dtype=bool)
+    if n > 1:
+        new_line[1:] = codes[1:] != codes[:-1]
+        same_id = np.asarray(
+            pc.equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        )
+        new_key[1:] = new_line[1:] | ~same_id
+    positions = np.arange(n, dtype=np.int64)
+    line_start = np.maximum.accumulate(np.where(new_line, positions, 0)) if n else positions
+    shards = ((positions - line_start) // shard_size).astype(np.int32)
+
+    # Duplicates: a row whose (line, id) equals the previous row's and has no other problem.
+    no_reason = np.asarray(pc.is_null(reason).to_numpy(zero_copy_only=False)) if n else new_key
+    duplicate = ~new_key & no_reason
+    if duplicate.any():
+        key_start = np.maximum.accumulate(np.where(new_key, positions, 0))
+        rows = np.flatnonzero(duplicate)
+        firsts = table.column("image_uri").take(pa.array(key_start[rows])).to_pylist()
+        dup_ids = ids.take(pa.array(rows)).to_pylist()
+        texts = [
+            f"image id {i!r} already used in this listing by {u}"
+            for i, u in zip(dup_ids, firsts, strict=True)
+        ]
+        mask = pa.array(duplicate)
+        reason = pc.replace_with_mask(reason, mask, pa.array(["duplicate_image_id"] * len(rows)))
+        message = pc.replace_with_mask(message, mask, pa.array(texts, pa.string()))
+    status = pc.if_else(pc.is_null(reason), pa.scalar("ok"), pa.scalar("error"))
+    error = pc.binary_join_element_wise(reason, message, ": ")
+    resolved = pa.table(
+        {
+            "image_id": ids,
+            "image_uri": table.column("image_uri"),
+            "product_line": lines,
+            "captured_at": table.column("captured_at"),
             "shard": pa.array(shards, pa.int32()),
-            "status": pa.array(statuses, pa.string()),
-            "error_reason": pa.array(reasons, pa.string()),
-            "error": pa.array(errors, pa.string()),
+            "status": status,
+            "error_reason": reason,
+            "error": error,
         },
         schema=LISTING_SCHEMA,
     )
-    return Listing(table=table, fingerprint=digest.hexdigest(), source=source)
+    return Listing(table=resolved, fingerprint=la.fingerprint(resolved, shard_size), source=source)
 
 
 def load_listing(

@@ -25,6 +25,7 @@ import datetime as dt
 import functools
 import io
 import json
+import logging
 import posixpath
 import re
 from collections import Counter
@@ -39,6 +40,8 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "dfr-pipeline-run"
 RUN_FORMAT_VERSION = 1
@@ -184,7 +187,13 @@ def clear_staging(output: str, run_date: str, options: StorageOptions | None = N
     Only the holder of the date's lease may call this: nobody else writes there meanwhile.
     """
     uri = staging_uri(output, run_date)
-    storage.remove_tree(uri, options)
+    for attempt in (1, 2):
+        try:
+            storage.remove_tree(uri, options)
+            break
+        except OSError as exc:  # a late writer of an interrupted run raced the removal
+            if attempt == 2:
+                logger.info("staging %s not removed (%s); the next run removes it", uri, exc)
     storage.remove_empty_dir(f"{_root(output)}/_staging")
 
 

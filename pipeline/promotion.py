@@ -138,11 +138,11 @@ def write_decision(
     record = {
         "product_line": line,
         "version": version,
-        "decided_at": now.isoformat(timespec="seconds"),
+        "decided_at": now.isoformat(timespec="microseconds"),  # orders decisions of a second
         "by": by,
         **result.to_dict(),
     }
-    name = f"{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}-{version}.json"
+    name = f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(3)}-{version}.json"
     uri = storage.join_uri(_promotions_uri(models_uri, line), name)
     storage.write_text_atomic(uri, json.dumps(record, indent=2, sort_keys=True), options)
     return uri

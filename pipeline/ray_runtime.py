@@ -1,11 +1,13 @@
 """Ray start-up for the CLI commands: one place that decides how ``ray.init`` is called.
 
 Why it exists: a newcomer's successful ``dfr-pipeline train``/``score``/``demo`` must not print
-warnings they cannot act on. Ray 2.60 warns "Token authentication is enabled for this Ray
-cluster. Set RAY_AUTH_MODE=disabled to opt out" every time it starts a *new local* cluster with
-``RAY_AUTH_MODE`` unset, although that is its default. We keep the secure default and only make
-the choice explicit (``RAY_AUTH_MODE=token``) for a cluster this process starts itself; an
-explicit ``RAY_AUTH_MODE`` (the tests set ``disabled``) and clusters we join are left alone.
+warnings they cannot act on. Ray 2.60 logs "Token authentication is enabled for this Ray
+cluster. Set RAY_AUTH_MODE=disabled to opt out" every time it starts a new local cluster with
+``RAY_AUTH_MODE`` unset, although token authentication is its (secure) default and nothing is
+wrong. We keep that default and drop only that notice. Setting ``RAY_AUTH_MODE=token`` ourselves
+would not do: Ray reads its config at import, so the driver would not create the token that the
+GCS it starts then requires (the GCS aborts). Ray's warning that authentication is *disabled*,
+and every other line, are left alone.
 """
 
 from __future__ import annotations
@@ -14,19 +16,25 @@ import logging
 import os
 from typing import Any
 
-AUTH_MODE_VAR = "RAY_AUTH_MODE"
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTO_ENABLED_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
-def starts_local_cluster(address: str | None) -> bool:
-    """True when ``ray.init(address=address)`` would start a new local Ray instance."""
-    if address == "local":
-        return True
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
+class _DropAutoEnabledNotice(logging.Filter):
+    """Drops Ray's notice that it enabled its default token authentication."""
 
-        return canonicalize_bootstrap_address(address) is None
-    except Exception:  # private API moved, or an address it cannot parse: do not guess
-        return False
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(AUTO_ENABLED_NOTICE)
+
+
+_NOTICE_FILTER = _DropAutoEnabledNotice()
+
+
+def quiet_default_auth_notice() -> None:
+    """Install the filter (idempotent)."""
+    logger = logging.getLogger(AUTH_LOGGER)
+    if _NOTICE_FILTER not in logger.filters:
+        logger.addFilter(_NOTICE_FILTER)
 
 
 def init_ray(address: str | None, **kwargs: Any) -> bool:
@@ -40,8 +48,7 @@ def init_ray(address: str | None, **kwargs: Any) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if AUTH_MODE_VAR not in os.environ and starts_local_cluster(address):
-        os.environ[AUTH_MODE_VAR] = "token"  # Ray's own default, stated so it does not warn
+    quiet_default_auth_notice()
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
     ray.init(address=address, **kwargs)

@@ -21,6 +21,8 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dfr_core.artifact import CONFIG_FILE, ArtifactError, read_metadata
 from pipeline import storage
 from pipeline.image_sets import canonical_uri
+from pipeline.run_lease import process_alive
 from pipeline.storage import StorageOptions
 
 LATEST = "LATEST"
@@ -159,12 +162,51 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
+#: A temp version directory older than this is debris whatever its name says.
+STALE_TMP_S = 24 * 3600.0
+
+
+def _sweep_stale_tmp(line_dir: Path) -> None:
+    """Remove temp version directories of publishers that were killed mid-copy.
+
+    Their names say who wrote them (``.tmp-{version}@{pid}@{host}``): one of this host whose
+    process is gone is debris at once (a kill, then a rerun), any older than STALE_TMP_S is
+    debris too (another host, or an older naming). A live publisher's directory is kept.
+    """
+    try:
+        entries = list(line_dir.iterdir())
+    except FileNotFoundError:
+        return
+    host = socket.gethostname()
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            # A LATEST write killed between its temp file and the rename (a microsecond window;
+            # a minute of age keeps a concurrent publisher's in-flight temp file).
+            try:
+                if time.time() - entry.stat().st_mtime > 60:
+                    entry.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        parts = entry.name.split("@")
+        try:
+            old = time.time() - entry.stat().st_mtime > STALE_TMP_S
+        except FileNotFoundError:
+            continue
+        dead = len(parts) == 3 and parts[2] == host and not process_alive(int(parts[1]), None)
+        if dead or old:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def _publish_local(source: Path, line_dir: Path, version: str) -> None:
     final = line_dir / version
     if final.exists():
         raise FileExistsError(f"model version {final} already exists (versions are immutable)")
     line_dir.mkdir(parents=True, exist_ok=True)
-    tmp = line_dir / f"{TMP_PREFIX}{version}"
+    _sweep_stale_tmp(line_dir)
+    tmp = line_dir / f"{TMP_PREFIX}{version}@{os.getpid()}@{socket.gethostname()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed attempt with this name
         tmp.mkdir()

@@ -30,8 +30,6 @@ import html
 import io
 import json
 import math
-import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -859,17 +857,6 @@ def render_html(config: ReportConfig, rows: pd.DataFrame, generated_at: str) -> 
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename, so a browser refreshing the old report never sees half a page."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_report(config: ReportConfig) -> Path:
     """Read the committed scores in scope and write ``{out_dir}/report.html``; return its path.
 
@@ -882,5 +869,6 @@ def write_report(config: ReportConfig) -> Path:
     out = config.out_path
     out.mkdir(parents=True, exist_ok=True)
     target = out / REPORT_FILE
-    _write_atomic(target, page)
+    # The one atomic writer: a browser refreshing the old report never sees half a page.
+    storage.write_text_atomic(str(target), page)
     return target

@@ -81,7 +81,8 @@ def _pid_started(pid: int) -> str | None:
         return None
 
 
-def _process_alive(pid: int, started: str | None) -> bool:
+def process_alive(pid: int, started: str | None) -> bool:
+    """True unless ``pid`` is gone (or is another process than the one started at ``started``)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +97,7 @@ def is_stale(holder: Holder, now: float | None = None) -> bool:
     if (now or time.time()) > holder.expires_at:
         return True
     if holder.host == socket.gethostname():
-        return not _process_alive(holder.pid, holder.pid_started)
+        return not process_alive(holder.pid, holder.pid_started)
     return False
 
 

@@ -7,6 +7,7 @@ plan that decoding is never fused into the scoring actors.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -38,21 +39,25 @@ def build_dataset(
             fn, fn_kwargs={"config": cfg}, batch_format="pyarrow", batch_size=batch_size,
             **task_args,
         )  # fmt: skip
-    return ds.map_batches(
-        ScoringActor,
-        fn_constructor_kwargs={"config": scoring},
-        compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        num_cpus=plan.cpus_per_actor,
-        num_gpus=plan.gpus_per_actor,
-        # Ray Data passes its own object-store refs to every actor constructor, and with
-        # restarts on Ray logs an error-level "constructor arguments in the object store and
-        # max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead actor is
-        # handled by the job instead: the execution fails and the run resumes from its
-        # committed shards (see score_job._score_pending), which is what a restart would do.
-        max_restarts=0,
-    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet (Ray 2.60 deprecates **ray_remote_args
+        # without a replacement for it); the deprecation line would print on every run.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"config": scoring},
+            compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            num_cpus=plan.cpus_per_actor,
+            num_gpus=plan.gpus_per_actor,
+            # Ray Data passes its own object-store refs to every actor constructor; with
+            # restarts on, Ray logs an error-level "constructor arguments in the object store
+            # and max_restarts > 0" line on every run (ray-project/ray#53727, #57733). A dead
+            # actor fails the execution instead and the run resumes from its committed
+            # shards (pipeline.score_resume), which is what a restart would do anyway.
+            max_restarts=0,
+        )
 
 
 def physical_plan(ds: Any) -> str:

@@ -24,7 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
 from pipeline import drift_io, outputs, registry, storage
@@ -38,6 +40,7 @@ from pipeline.ray_runtime import init_ray
 from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
 from pipeline.score_graph import build_dataset
+from pipeline.score_resume import score_pending, tidy_committed
 from pipeline.score_stages import ScoringConfig
 from pipeline.storage import StorageOptions
 
@@ -47,9 +50,6 @@ DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
 #: Input block size in batches: small enough to spread decoding, large enough to keep the
 #: number of objects the driver puts into the object store modest.
 BLOCK_BATCHES = 4
-#: Dataset executions per run: a scoring actor that dies (node lost, OOM kill) fails one
-#: execution; the next one resumes from the shards committed so far.
-MAX_EXECUTIONS = 4
 
 
 class RunInterrupted(RuntimeError):
@@ -250,18 +250,21 @@ def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) ->
 
 
 def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Table:
-    """Rows of lines without a usable model become error rows (their bytes are never read)."""
-    status = table.column("status").to_pylist()
-    reasons = table.column("error_reason").to_pylist()
-    errors = table.column("error").to_pylist()
-    for i, line in enumerate(table.column("product_line").to_pylist()):
-        model = models.get(line)
-        if status[i] == "ok" and model is not None and model.error_reason is not None:
-            status[i], reasons[i] = "error", model.error_reason
-            errors[i] = f"{model.error_reason}: {model.error}"
+    """Rows of lines without a usable model become error rows (their bytes are never read).
+
+    Vectorised per broken line (a handful), so it costs no Python object per row.
+    """
+    status, reasons, errors = (table.column(n) for n in ("status", "error_reason", "error"))
+    for line, model in sorted(models.items()):
+        if model.error_reason is None:
+            continue
+        hit = pc.and_(pc.equal(table.column("product_line"), line), pc.equal(status, "ok"))
+        status = pc.if_else(hit, pa.scalar("error"), status)
+        reasons = pc.if_else(hit, pa.scalar(model.error_reason), reasons)
+        errors = pc.if_else(hit, pa.scalar(f"{model.error_reason}: {model.error}"), errors)
     for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
         index = table.schema.get_field_index(name)
-        table = table.set_column(index, table.schema.field(name), pa.array(values, pa.string()))
+        table = table.set_column(index, table.schema.field(name), values)
     return table
 
 
@@ -286,13 +289,21 @@ def run_identity(
 
 def shard_slices(table: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
     """{(line, shard): (offset, length)}: shards are contiguous in the sorted listing."""
-    out: dict[tuple[str, int], tuple[int, int]] = {}
-    lines = table.column("product_line").to_pylist()
-    shards = table.column("shard").to_pylist()
-    for i, key in enumerate(zip(lines, shards, strict=True)):
-        start, length = out.get(key, (i, 0))
-        out[key] = (start, length + 1)
-    return out
+    n = table.num_rows
+    if n == 0:
+        return {}
+    encoded = pc.dictionary_encode(table.column("product_line")).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    shards = table.column("shard").to_numpy()
+    starts = np.flatnonzero(
+        np.concatenate([[True], (codes[1:] != codes[:-1]) | (shards[1:] != shards[:-1])])
+    )
+    lengths = np.diff(np.append(starts, n))
+    names = encoded.dictionary.to_pylist()
+    return {
+        (names[codes[i]], int(shards[i])): (int(i), int(length))
+        for i, length in zip(starts, lengths, strict=True)
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,21 +378,6 @@ def _ensure_ray(address: str | None) -> bool:
     return init_ray(address)
 
 
-def _is_actor_death(exc: BaseException) -> bool:
-    """True when ``exc`` (or what it wraps) says a Ray actor process died."""
-    from ray.exceptions import RayActorError
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RayActorError):
-            return True
-        current = current.__cause__ or current.__context__
-    text = f"{type(exc).__name__}: {exc}"
-    return "ActorDiedError" in text or "RayActorError" in text
-
-
 def resource_request(config: ScoreJobConfig) -> ResourceRequest:
     """The figures the user gave (None: sized from the cluster)."""
     return ResourceRequest(
@@ -413,6 +409,9 @@ def _execute(
         context.enable_progress_bars = not config.quiet
         if config.quiet:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
+            # about exactly that is noise the user cannot act on.
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         # Blocks of a few batches (not whole shards), so a small run still spreads its decoding
         # over several tasks; rows carry their shard id, so blocks need not align with shards.
         step = BLOCK_BATCHES * config.batch_size
@@ -579,6 +578,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
 
     done_before = already_committed()
     if done_before is not None:
+        tidy_committed(output, date, run_id, options)
         return done_before
     # One run per (output, date) at a time: LeaseHeld for the second of two overlapping runs.
     lease = RunLease(output, date, run_id, options)
@@ -590,7 +590,11 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         # Temp files of killed writers of this date (we hold the lease: nobody else writes).
         outputs.clear_staging(output, date, options)
         slices = shard_slices(table)
-        done, new = _score_pending(config, table, slices, models, run_id, run_key, options)
+
+        def execute(pending: dict[tuple[str, int], tuple[int, int]]) -> dict:
+            return _execute(config, table, pending, models, run_id, run_key, options)
+
+        done, new = score_pending(output, date, slices, run_key, options, execute)
         t_scoring = time.perf_counter()
         markers = {**done, **new}
         counts = outputs.add_counts({}, {})
@@ -623,46 +627,3 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     return summary(
         counts, table.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
     )
-
-
-def _score_pending(
-    config: ScoreJobConfig,
-    table: pa.Table,
-    slices: dict[tuple[str, int], tuple[int, int]],
-    models: dict[str, LineModel],
-    run_id: str,
-    run_key: str,
-    options: StorageOptions,
-) -> tuple[dict[tuple[str, int], dict[str, Any]], dict[tuple[str, int], dict[str, Any]]]:
-    """(markers committed before this invocation, markers this invocation committed).
-
-    A scoring actor that dies fails the Ray Data execution; the shards committed so far stay
-    committed and the next execution scores only the rest (MAX_EXECUTIONS in all).
-    """
-
-    def committed() -> dict[tuple[str, int], dict[str, Any]]:
-        found = outputs.committed_shards(config.output_uri, config.run_date, run_key, options)
-        return {k: v for k, v in found.items() if k in slices}
-
-    done = committed()
-    markers = dict(done)
-    for attempt in range(1, MAX_EXECUTIONS + 1):
-        pending = {k: v for k, v in slices.items() if k not in markers}
-        if not pending:
-            break
-        try:
-            markers.update(_execute(config, table, pending, models, run_id, run_key, options))
-        except Exception as exc:
-            if attempt == MAX_EXECUTIONS or not _is_actor_death(exc):
-                raise
-            markers = committed()
-            logger.warning(
-                "a scoring actor died (%s); resuming the %d uncommitted shards (execution %d "
-                "of at most %d)",
-                storage.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
-                len(slices) - len(markers),
-                attempt + 1,
-                MAX_EXECUTIONS,
-            )
-    new = {k: v for k, v in markers.items() if k not in done}
-    return done, new

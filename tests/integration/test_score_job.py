@@ -173,8 +173,9 @@ def _config(world: World, input_uri: str, output_uri: str, **changes) -> ScoreJo
     return replace(base, **changes)
 
 
-def _direct(world: World) -> dict[str, tuple[float, np.ndarray, float, float]]:
-    """image_uri -> (score, anomaly map, pixel threshold, image threshold), scored by dfr_core."""
+def _direct(world: World) -> dict[str, tuple[float, np.ndarray, float, float, float, float]]:
+    """image_uri -> (max of the map, anomaly map, pixel threshold, its image threshold, image
+    score, image-score threshold), scored by dfr_core."""
     out = {}
     for line in LINES:
         version = registry.latest_version(world.models_uri, line)
@@ -185,9 +186,11 @@ def _direct(world: World) -> dict[str, tuple[float, np.ndarray, float, float]]:
         cal = loaded.calibration
         for k, uri in enumerate(uris):
             out[uri] = (
-                float(maps.score[k]),
+                float(maps.max_score[k]),
                 maps.anomaly_map[k].numpy(),
                 cal.pixel_threshold,
+                cal.max_threshold,
+                float(maps.score[k]),
                 cal.image_threshold,
             )
     return out
@@ -235,17 +238,20 @@ def test_scores_and_masks_equal_direct_dfr_core(world, listing_run):
     direct = _direct(world)
     assert set(ok["image_uri"]) == set(direct)
     for row in ok.itertuples():
-        score, amap, pixel_thr, image_thr = direct[row.image_uri]
-        assert row.score == pytest.approx(score, rel=1e-4)
-        assert row.threshold == pytest.approx(image_thr) and row.pixel_threshold == pixel_thr
-        assert bool(row.is_anomaly) == (row.score > image_thr)
+        score, amap, pixel_thr, max_thr, image_score, image_thr = direct[row.image_uri]
+        assert row.score == pytest.approx(score, rel=1e-4)  # raw: max of the map
+        assert row.threshold == pytest.approx(max_thr) and row.pixel_threshold == pixel_thr
+        # the fused, normalised image score: the same number dfr_core computes
+        assert row.anomaly_score == pytest.approx(image_score, rel=1e-4, abs=1e-4)
+        assert row.anomaly_threshold == pytest.approx(image_thr)
+        assert bool(row.is_anomaly) == (row.anomaly_score > image_thr)
         assert row.defect_area_fraction == pytest.approx((amap > pixel_thr).mean(), abs=2e-3)
         original = decode_image(world.images[row.image_uri])
         assert (row.height, row.width) == original.shape[:2]
     masked = ok[ok["mask_uri"].notna()]
     assert len(masked) == int(ok["is_anomaly"].sum()) > 0  # --masks anomalous
     for row in masked.itertuples():
-        _, amap, pixel_thr, _ = direct[row.image_uri]
+        _, amap, pixel_thr, *_ = direct[row.image_uri]
         full = F.interpolate(
             torch.from_numpy(amap)[None, None], size=(row.height, row.width), mode="bilinear"
         )[0, 0].numpy()

@@ -142,7 +142,34 @@ def hostile_corpus() -> list[Hostile]:
         ),
         Hostile("jpeg_named.png", "JPEG content named .png", jpeg, None, (96, 96)),
         Hostile("png_named.jpg", "PNG content named .jpg", png, None, (96, 96)),
+        *format_corpus(),
     ]
+
+
+def _animated(fmt: str, **kwargs: object) -> bytes:
+    first, second = Image.fromarray(_gradient(40, 52)), Image.fromarray(_gradient(40, 52)[::-1])
+    buf = io.BytesIO()
+    first.save(buf, format=fmt, save_all=True, append_images=[second], **kwargs)
+    return buf.getvalue()
+
+
+def format_corpus() -> list[Hostile]:
+    """Valid images in every format beyond PNG/JPEG/BMP/TIFF that scoring accepts: each must
+    become a scored row (animated files: their first frame)."""
+    base = Image.fromarray(_gradient(44, 58))
+    return [
+        Hostile("lossless.webp", "WebP (lossless)", _encode(base, "WEBP", lossless=True), None,
+                (44, 58)),
+        Hostile("lossy.webp", "WebP (lossy)", _encode(base, "WEBP", quality=80), None, (44, 58)),
+        Hostile("animated.webp", "animated WebP (first frame)", _animated("WEBP", duration=50),
+                None, (40, 52)),
+        Hostile("animated.gif", "animated GIF (first frame)", _animated("GIF", duration=50),
+                None, (40, 52)),
+        Hostile("image.ppm", "PPM", _encode(base, "PPM"), None, (44, 58)),
+        Hostile("image.tga", "TGA", _encode(base, "TGA"), None, (44, 58)),
+        Hostile("image.qoi", "QOI", _encode(base, "QOI"), None, (44, 58)),
+        Hostile("image.jp2", "JPEG 2000", _encode(base, "JPEG2000"), None, (44, 58)),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +179,7 @@ def corpus() -> list[Hostile]:
 
 def test_corpus_covers_every_kind_once(corpus: list[Hostile]) -> None:
     names = [h.name for h in corpus]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 15 + len(format_corpus())
     assert {h.reason for h in corpus} == {
         None,
         "empty_file",

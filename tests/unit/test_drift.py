@@ -144,3 +144,14 @@ def test_shifted_nights_are_flagged_normal_nights_are_not(seed: int) -> None:
     assert not verdicts["normal"].drifted, verdicts["normal"]
     assert verdicts["brighter"].drifted and "brightness" in verdicts["brighter"].reasons
     assert verdicts["blurred"].drifted and "sharpness" in verdicts["blurred"].reasons
+
+
+def test_a_small_calibration_set_widens_the_anomaly_rate_test() -> None:
+    """18 of 60 flagged: a binomial test against (k+1)/(n+1) = 1/9 would page (p ~ 1e-4);
+    with 8 calibration images the exceedance rate itself is uncertain (Beta(1, 8)), so not."""
+    small = DriftReference(tuple(float(v) for v in range(8)), 7.0, 0.01, {})
+    assert small.expected_rate == pytest.approx(1 / 9)
+    assert small.anomaly_p(18, 60) > 0.01
+    assert small.anomaly_p(60, 60) < 1e-6  # every image flagged still pages
+    large = DriftReference(tuple(np.linspace(0, 1, 1000)), 0.99, 0.01, {})
+    assert large.anomaly_p(18, 60) < 1e-6 and large.anomaly_p(1, 60) > 0.1

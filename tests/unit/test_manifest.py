@@ -130,7 +130,9 @@ def test_csv_list_file_uses_uri_column() -> None:
         (
             "product_line,train_uri,colour\na,x\n",
             ["line 1, column 'colour': unknown column; allowed: product_line, train_uri, "
-             "val_uri, test_uri, image_size, epochs, backbone"],
+             "val_uri, test_uri, image_size, epochs, backbone, preset, layers, feature_norm, "
+             "smoothing_sigma, image_score, topk_fraction, score_norm, global_weight, "
+             "pixel_fpr, image_fpr"],
         ),
         ("product_line\na\n", ["line 1, column 'train_uri': required column is missing"]),
         (
@@ -139,7 +141,9 @@ def test_csv_list_file_uses_uri_column() -> None:
         ),
         ("product_line,train_uri\na,\n", ["line 2, column 'train_uri': required value is missing"]),
         (",train_uri\n", ["line 1, column '(empty)': unknown column; allowed: product_line, "
-                          "train_uri, val_uri, test_uri, image_size, epochs, backbone",
+                          "train_uri, val_uri, test_uri, image_size, epochs, backbone, preset, "
+                          "layers, feature_norm, smoothing_sigma, image_score, topk_fraction, "
+                          "score_norm, global_weight, pixel_fpr, image_fpr",
                           "line 1, column 'product_line': required column is missing"]),
         (
             "product_line,train_uri\na,x\nb,x\na,x\n",

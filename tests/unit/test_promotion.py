@@ -48,8 +48,15 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_held_versions_are_published_not_latest_and_promote_overrides(artifact, tmp_path):
-    models = str(tmp_path / "models")
+@pytest.fixture(params=["local", "s3"])
+def models_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "models")
+    return f"{request.getfixturevalue('s3_bucket')}/registry"
+
+
+def test_held_versions_are_published_not_latest_and_promote_overrides(artifact, models_uri):
+    models = models_uri
     first = GateResult(True, Basis.FIRST_VERSION, "promoted: first version of the line")
     promotion.write_decision(models, "metal", "v1", first)
     registry.publish(artifact, models, "metal", version="v1")

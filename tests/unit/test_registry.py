@@ -207,3 +207,34 @@ def test_resolve_weights(s3_bucket: str, tmp_path: Path) -> None:
     path = resolve_weights({"extra": {"weights_uri": f"{s3_bucket}/w/backbone.pth"}}, tmp_path)
     assert Path(path).read_bytes() == b"remote weights"
     assert Path(path).name == "backbone.pth"
+
+
+def test_publisher_killed_mid_copy_leaves_no_debris_after_the_next_publish(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """A local publish SIGKILLed after copying (before the rename) leaves its temp version
+    directory; the next publish of the line removes it, and a live publisher's is kept."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    script = (
+        "import os, signal, sys\n"
+        "from pipeline import registry\n"
+        "registry._fsync_tree = lambda d: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"registry.publish({str(artifact)!r}, {str(models)!r}, 'metal')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    debris = [p.name for p in (models / "metal").iterdir()]
+    assert len(debris) == 1 and debris[0].startswith(".tmp-")
+    live = models / "metal" / f".tmp-x@{os.getpid()}@{socket.gethostname()}"
+    live.mkdir()  # an in-flight publish by a live process: must survive the sweep
+    version = publish(artifact, str(models), "metal")
+    assert sorted(p.name for p in (models / "metal").iterdir()) == sorted(
+        [version, "LATEST", live.name]
+    )

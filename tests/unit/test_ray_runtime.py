@@ -1,0 +1,44 @@
+"""Ray start-up drops only Ray's notice that it enabled its default token authentication; the
+auth mode itself is left to Ray (no Ray starts here: ray.init is replaced)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline import ray_runtime
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_only_the_auto_enabled_notice_is_dropped(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    before = os.environ.get("RAY_AUTH_MODE")
+    assert ray_runtime.init_ray("local")
+    assert calls[0]["address"] == "local" and calls[0]["include_dashboard"] is False
+    assert os.environ.get("RAY_AUTH_MODE") == before  # the mode is Ray's decision
+    logger = logging.getLogger(ray_runtime.AUTH_LOGGER)
+    collect = _Collect()
+    logger.addHandler(collect)
+    try:
+        logger.warning(
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled"
+        )
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
+    finally:
+        logger.removeHandler(collect)
+    messages = collect.messages
+    assert len(messages) == 1 and "disabled for this Ray cluster" in messages[0]
+    ray_runtime.init_ray("local")
+    assert logger.filters.count(ray_runtime._NOTICE_FILTER) == 1
