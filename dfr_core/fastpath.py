@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dfr_core.features import FeatureExtractor
+from dfr_core.features import FeatureExtractor, regional_matrix
 
 #: Grid positions per matmul chunk: big enough for efficient BLAS, small enough for the cache.
 CHUNK_POSITIONS = 1024
@@ -85,7 +85,15 @@ def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tenso
     Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
     the full (B, C, G, G) map in reference order.
     """
-    means = torch.cat([maps.fine.mean(dim=(2, 3)), maps.coarse_pooled.mean(dim=(2, 3))], dim=1)
+    # A coarse layer's regional map is M F M^T (M: the (G, n) upsample-then-pool operator), so
+    # its position-mean is u^T F u with u the column means of M: exact, no G x G map built.
+    coarse = []
+    for fmap in maps.coarse:
+        n = fmap.shape[-1]
+        u = regional_matrix(n, extractor.image_size, extractor.pooling.pool).mean(dim=0)
+        u = u.to(device=fmap.device, dtype=torch.float32)
+        coarse.append(torch.einsum("bcij,i,j->bc", fmap.float(), u, u))
+    means = torch.cat([maps.fine.float().mean(dim=(2, 3)), *coarse], dim=1)
     out = torch.empty_like(means)
     out[:, _layout(extractor).order.to(means.device)] = means
     return out
