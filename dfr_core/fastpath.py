@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dfr_core.features import FeatureExtractor, regional_matrix
+from dfr_core.features import FeatureExtractor
 
 #: Grid positions per matmul chunk: big enough for efficient BLAS, small enough for the cache.
 CHUNK_POSITIONS = 1024
@@ -83,17 +83,14 @@ def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tenso
     """(B, C) position-means of the regional features, in the reference channel order.
 
     Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
-    the full (B, C, G, G) map in reference order.
+    the coarse layers' full (B, c, G, G) maps: the grid mean of ``M f M^T`` is ``a^T f a`` with
+    ``a`` the column means of the regional operator M (square maps).
     """
-    # A coarse layer's regional map is M F M^T (M: the (G, n) upsample-then-pool operator), so
-    # its position-mean is u^T F u with u the column means of M: exact, no G x G map built.
-    coarse = []
+    parts = [maps.fine.mean(dim=(2, 3))]
     for fmap in maps.coarse:
-        n = fmap.shape[-1]
-        u = regional_matrix(n, extractor.image_size, extractor.pooling.pool).mean(dim=0)
-        u = u.to(device=fmap.device, dtype=torch.float32)
-        coarse.append(torch.einsum("bcij,i,j->bc", fmap.float(), u, u))
-    means = torch.cat([maps.fine.float().mean(dim=(2, 3)), *coarse], dim=1)
+        a = extractor.pooling._matrix(fmap.shape[-1], fmap).mean(dim=0)
+        parts.append(torch.einsum("bchw,h,w->bc", fmap, a, a))
+    means = torch.cat(parts, dim=1)
     out = torch.empty_like(means)
     out[:, _layout(extractor).order.to(means.device)] = means
     return out
