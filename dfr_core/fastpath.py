@@ -85,7 +85,11 @@ def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tenso
     Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
     the full (B, C, G, G) map in reference order.
     """
-    means = torch.cat([maps.fine.mean(dim=(2, 3)), maps.coarse_pooled.mean(dim=(2, 3))], dim=1)
+    parts = [maps.fine.mean(dim=(2, 3))]
+    for native in maps.coarse:  # the grid mean of M f M^T is w^T f w with w = column means of M
+        w = extractor.pooling._matrix(native.shape[-1], native).mean(dim=0)
+        parts.append(torch.einsum("bchw,h,w->bc", native, w, w))
+    means = torch.cat(parts, dim=1)
     out = torch.empty_like(means)
     out[:, _layout(extractor).order.to(means.device)] = means
     return out
