@@ -83,12 +83,13 @@ def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tenso
     """(B, C) position-means of the regional features, in the reference channel order.
 
     Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
-    the full (B, C, G, G) map in reference order.
+    the coarse layers' full (B, c, G, G) maps: the grid mean of ``M f M^T`` is ``a^T f a`` with
+    ``a`` the column means of the regional operator M (square maps).
     """
     parts = [maps.fine.mean(dim=(2, 3))]
-    for native in maps.coarse:  # the grid mean of M f M^T is w^T f w with w = column means of M
-        w = extractor.pooling._matrix(native.shape[-1], native).mean(dim=0)
-        parts.append(torch.einsum("bchw,h,w->bc", native, w, w))
+    for fmap in maps.coarse:
+        a = extractor.pooling._matrix(fmap.shape[-1], fmap).mean(dim=0)
+        parts.append(torch.einsum("bchw,h,w->bc", fmap, a, a))
     means = torch.cat(parts, dim=1)
     out = torch.empty_like(means)
     out[:, _layout(extractor).order.to(means.device)] = means
