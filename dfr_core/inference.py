@@ -10,15 +10,18 @@ precision contract of `dfr_core.precision`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head, pooled_means
 from dfr_core.features import FeatureExtractor
-from dfr_core.model import AnomalyOutput, DFRHead, DFRModel
 from dfr_core.precision import PrecisionSpec, exact_fp32
 from dfr_core.preprocess import normalize_batch
+
+if TYPE_CHECKING:  # dfr_core.model calls forward_batch (DFRModel.predict): no import at run time
+    from dfr_core.model import AnomalyOutput, DFRHead, DFRModel
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
