@@ -273,7 +273,9 @@ MANIFEST_CASES: dict[str, tuple[str, list[str]]] = {
         "product_line,train_uri,colour\nfoo,/d,red\n",
         [
             "line 1, column 'colour': unknown column; allowed: product_line, train_uri, val_uri, "
-            "test_uri, image_size, epochs, backbone"
+            "test_uri, image_size, epochs, backbone, preset, layers, feature_norm, "
+            "smoothing_sigma, image_score, topk_fraction, score_norm, global_weight, pixel_fpr, "
+            "image_fpr"
         ],
     ),  # fmt: skip
     "missing column": (
