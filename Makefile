@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast lint bench-accuracy bench-speed
+.PHONY: setup demo test test-soak test-fast lint bench-accuracy bench-speed
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: setup
 	$(VENV)/bin/dfr-pipeline demo --workdir dfr-demo
 
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
+
+# Kills at many points and interrupt/resume repeated under CPU load (tens of minutes).
+test-soak: setup
+	$(PY) -m pytest -q -p no:cacheprovider -s -rA -m soak
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not integration"

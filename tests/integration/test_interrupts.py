@@ -141,7 +141,7 @@ def _kill_when(point: tuple[str, float], output: str, driver: subprocess.Popen) 
         raise AssertionError(f"gave up waiting for kill point {point}")
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_driver_killed_at_many_points_then_rerun_leaves_only_committed(world, tmp_path):
     outcomes = []
@@ -180,7 +180,7 @@ def _interrupt_then_resume(world: World, output: str) -> None:
     assert_only_committed(output, world.images)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_interrupt_resume_repeated_under_cpu_load(world, tmp_path):
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
