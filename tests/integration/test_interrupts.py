@@ -118,6 +118,8 @@ def assert_only_committed(output: str, images: list[str]) -> None:
     named |= {rel for files in record["files"].values() for rel in files}
     for column in ("mask_uri", "heatmap_uri"):
         named |= {outputs.relative_to(output, uri) for uri in df[column].dropna()}
+    # the run's drift rows (pipeline.drift_io), named by the record like its score files
+    named |= {line["file"] for line in (record.get("drift") or {}).get("lines", {}).values()}
     markers_root = f"_shards/run_date={DATE}/{record['run_key']}/{LINE}/"
     markers = {f for f in _files(root) if f.startswith(markers_root) and f.endswith(".json")}
     assert len(markers) == sum(len(files) for files in record["files"].values())
