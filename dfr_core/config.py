@@ -11,6 +11,7 @@ T = TypeVar("T")
 FEATURE_NORMS = ("channel", "none")
 IMAGE_SCORES = ("max", "topk_mean")
 SCORE_NORMS = ("quantile", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainConfig:
     batch_size: int = 4  # images per step (the reference uses 4)
     positions_per_image: int = 256  # grid positions sampled per image per step (1x1 convs)
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # "cosine": decay to 1 % of lr over `epochs`
     val_fraction: float = 0.1  # held-out normal images for early stopping (and score scales)
     calib_fraction: float = 0.1  # a disjoint held-out slice for threshold calibration only
     patience: int = 8  # epochs without validation improvement before stopping; 0 disables
@@ -93,6 +95,8 @@ class TrainConfig:
                 f"val_fraction + calib_fraction must be < 1, got "
                 f"{self.val_fraction} + {self.calib_fraction}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

@@ -190,7 +190,7 @@ def _train_epoch(head, bank, cfg, optimizer, gen, device) -> float:
 
 
 def build_head(
-    extractor: FeatureExtractor,
+    channels: int,
     model_config: ModelConfig,
     bank: torch.Tensor,
     cfg: TrainConfig,
@@ -204,9 +204,9 @@ def build_head(
         vectors = sample_vectors(bank, min(cfg.pca_samples, bank.shape[0] * bank.shape[2]), gen)
         if model_config.feature_norm == "channel":
             vectors = (vectors - mean) / std.clamp(min=1e-6)
-        latent = min(pca_latent_dim(vectors, model_config.pca_variance), extractor.channels)
+        latent = min(pca_latent_dim(vectors, model_config.pca_variance), channels)
     torch.manual_seed(cfg.seed)
-    head = DFRHead(model_config, extractor.channels, latent)
+    head = DFRHead(model_config, channels, latent)
     head.set_feature_stats(mean, std)
     return head, latent
 
@@ -262,6 +262,67 @@ def fit_score_scales(head: DFRHead, batches: Iterable[torch.Tensor]) -> dict:
     }
 
 
+class HeadFit(NamedTuple):
+    """A head trained on cached features (best weights restored if a validation bank was given)."""
+
+    head: DFRHead
+    latent_dim: int
+    history: list[dict]
+    best_epoch: int
+    best_loss: float
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """Per-epoch learning-rate schedule: None (constant) or cosine decay to 1 % of lr."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=cfg.epochs, eta_min=cfg.lr * 0.01
+        )
+    return None
+
+
+def fit_head(
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    bank: torch.Tensor,
+    val_bank: torch.Tensor | None,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> HeadFit:
+    """Train a head on an fp16 (N, C, P) feature bank; early-stop on val_bank if given.
+
+    Split from `fit` so a benchmark can train heads for several layer subsets of one cached
+    superset bank (the channels of a layer subset are a slice of the superset's).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head, latent = build_head(bank.shape[1], model_config, bank, cfg, gen)
+    head.to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    scheduler = _scheduler(optimizer, cfg)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    history: list[dict] = []
+    last_train = math.inf
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        last_train = _train_epoch(head, bank, cfg, optimizer, gen, device)
+        if scheduler is not None:
+            scheduler.step()
+        val_loss = bank_loss(head, val_bank, device) if val_bank is not None else None
+        stats = EpochStats(epoch, cfg.epochs, last_train, val_loss, time.perf_counter() - t_epoch)
+        history.append(stats._asdict())
+        if progress is not None:
+            progress(stats)
+        if val_loss is not None and stopper.update(epoch, val_loss, head):
+            break
+    if val_bank is not None:
+        stopper.restore(head)
+        best_epoch, best_loss = stopper.best_epoch, stopper.best_loss
+    else:  # nothing held out: keep the last weights
+        best_epoch, best_loss = len(history), last_train
+    head.eval()
+    return HeadFit(head, latent, history, best_epoch, best_loss)
+
+
 def fit(
     extractor: FeatureExtractor,
     model_config: ModelConfig,
@@ -284,27 +345,9 @@ def fit(
     if val_images is not None and len(val_images):
         val_bank = extract_bank(extractor, val_images, cfg, device, gen)
     t_features = time.perf_counter() - t0
-    head, latent = build_head(extractor, model_config, bank, cfg, gen)
-    head.to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    history: list[dict] = []
-    last_train = math.inf
-    for epoch in range(1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        last_train = _train_epoch(head, bank, cfg, optimizer, gen, device)
-        val_loss = bank_loss(head, val_bank, device) if val_bank is not None else None
-        stats = EpochStats(epoch, cfg.epochs, last_train, val_loss, time.perf_counter() - t_epoch)
-        history.append(stats._asdict())
-        if progress is not None:
-            progress(stats)
-        if val_loss is not None and stopper.update(epoch, val_loss, head):
-            break
-    if val_bank is not None:
-        stopper.restore(head)
-        best_epoch, best_loss = stopper.best_epoch, stopper.best_loss
-    else:  # nothing held out: keep the last weights
-        best_epoch, best_loss = len(history), last_train
+    head, latent, history, best_epoch, best_loss = fit_head(
+        model_config, cfg, bank, val_bank, device, progress
+    )
     head.eval()
     norm_images = val_images if val_images is not None and len(val_images) else train_images
     score_terms = fit_global_term(head, bank, device)

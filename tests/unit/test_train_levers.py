@@ -1,0 +1,70 @@
+"""Training levers: fit_head on cached banks (what benchmarks/accuracy_levers.py relies on) and
+the learning-rate schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfr_core.config import ModelConfig, TrainConfig
+from dfr_core.model import build_extractor
+from dfr_core.train import extract_bank, fit, fit_head
+
+SIZE = 64
+SUPERSET = ("relu1_1", "relu2_1", "relu3_1")
+SUBSET = ("relu1_1", "relu3_1")  # channels 0..63 and 192..447 of the superset
+TRAIN = TrainConfig(epochs=2, batch_size=2, positions_per_image=32, patience=0, seed=0)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _config(layers: tuple[str, ...]) -> ModelConfig:
+    return ModelConfig(backbone="vgg19", layers=layers, image_size=SIZE, global_weight=0.0)
+
+
+def test_fit_head_on_a_superset_slice_equals_fit_on_the_subset():
+    """A layer subset's features are a channel slice of a superset's, so a head trained on the
+    slice is the head `fit` trains for those layers (same seed, same weights)."""
+    torch.manual_seed(0)
+    sub_extractor = build_extractor(_config(SUBSET), allow_random_init=True)
+    torch.manual_seed(0)
+    super_extractor = build_extractor(_config(SUPERSET), allow_random_init=True)
+    train, val = _images(4, 0), _images(2, 1)
+    ref = fit(sub_extractor, _config(SUBSET), TRAIN, train, val).model.head
+    gen = torch.Generator().manual_seed(0)
+    bank = extract_bank(super_extractor, train, TRAIN, torch.device("cpu"), gen)
+    val_bank = extract_bank(super_extractor, val, TRAIN, torch.device("cpu"), gen)
+    idx = torch.cat([torch.arange(0, 64), torch.arange(192, 448)])
+    got = fit_head(_config(SUBSET), TRAIN, bank[:, idx], val_bank[:, idx], torch.device("cpu"))
+    for name, value in ref.state_dict().items():
+        if name.endswith("_scale"):  # score scales: fitted by `fit` after training
+            continue
+        torch.testing.assert_close(got.head.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_cosine_schedule_decays_the_learning_rate_and_unknown_schedules_are_refused():
+    bank = torch.randn(4, 8, 16).half()
+    seen = []
+    cfg = TrainConfig(epochs=4, batch_size=2, positions_per_image=8, lr=1e-3, patience=0)
+    cosine = TrainConfig(**{**cfg.__dict__, "lr_schedule": "cosine"})
+    model_cfg = ModelConfig(global_weight=0.0, latent_dim=3)
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", step)
+        fit_head(model_cfg, cfg, bank, None, torch.device("cpu"))
+        constant, seen[:] = list(seen), []
+        fit_head(model_cfg, cosine, bank, None, torch.device("cpu"))
+    assert set(constant) == {1e-3}
+    assert seen[0] == pytest.approx(1e-3) and seen == sorted(seen, reverse=True)
+    assert seen[-1] < 0.2e-3
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step")
