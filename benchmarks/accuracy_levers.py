@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.accuracy import HEADER, parse_value, print_row
+from dfr_core import metrics
 from dfr_core.backbones import backbone_info
 from dfr_core.calibrate import calibrate_outputs
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
@@ -40,6 +41,7 @@ from dfr_core.train import (
     fit_head,
     fit_score_scales,
     holdout_splits,
+    subsample_positions,
 )
 
 
@@ -129,8 +131,8 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
     idx = channel_slice(args.backbone, superset, layers)
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
-    bank = data["train"][:, idx].flatten(2)
-    val_bank = data["es"][:, idx].flatten(2)
+    bank = data["train"][: args.screen_train or None, idx].flatten(2)
+    val_bank = subsample_positions(data["es"][:, idx].flatten(2), tcfg.val_positions, tcfg.seed)
 
     def progress(s) -> None:
         if args.verbose:
@@ -148,7 +150,7 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
     variants = [("", {}, {})] + [
         (f" | {v}", parse_run(v), {}) for v in args.rescore
     ]  # rescoring variants: score / smoothing / calibration fields, no retraining
-    base_cfg = head.config
+    base_cfg, base_ev = head.config, None
     for suffix, changes, _ in variants:
         m_changes = {k: v for k, v in changes.items() if hasattr(base_cfg, k)}
         c_changes = {k: v for k, v in changes.items() if not hasattr(base_cfg, k)}
@@ -160,7 +162,15 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
         else:
             cal_o, test_o = cal_out, out
         cal = calibrate_outputs(cal_o, dataclasses.replace(ccfg, **c_changes))
-        ev = evaluate_outputs(test_o, masks, labels, cal, data["ms_per_image"])
+        if m_changes or not suffix:
+            ev = evaluate_outputs(test_o, masks, labels, cal, data["ms_per_image"])
+            base_ev = ev if not suffix else base_ev
+        else:  # thresholds only: the ranking metrics are the base row's
+            tm = metrics.threshold_metrics(masks, test_o.anomaly_map.numpy(), cal.pixel_threshold)
+            op = metrics.image_operating_point(labels, test_o.score.numpy(), cal.image_threshold)
+            ev = base_ev._replace(
+                f1=tm.f1, iou=tm.iou, realised_image_fpr=op.fpr, realised_image_recall=op.recall
+            )
         types = {}
         for kind in sorted(set(data["defects"]) - {"good"}) if args.per_type and not suffix else []:
             sel = np.array([d in ("good", kind) for d in data["defects"]])
@@ -170,8 +180,24 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
         summary = {"latent_dim": fitted.latent_dim, "epochs_run": len(fitted.history)}
         kb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1024
         print_row(root, (text or "defaults") + suffix, ev, types, (summary, fit_s, kb))
+        print(mask_detail(test_o, masks, cal), flush=True)
     head.config = base_cfg
     print(f"<!-- best epoch {fitted.best_epoch} of {len(fitted.history)} -->", flush=True)
+
+
+def mask_detail(out: AnomalyOutput, masks: np.ndarray, cal) -> str:
+    """Mask precision / recall at the calibrated pixel threshold, and F1 / IoU when masks are
+    kept only on images the calibrated image threshold flags ("gated": a good image that is
+    not flagged gets no outline)."""
+    maps = out.anomaly_map.numpy()
+    tm = metrics.threshold_metrics(masks, maps, cal.pixel_threshold)
+    flagged = out.score.numpy() > cal.image_threshold
+    gated = metrics.threshold_metrics(masks, maps * flagged[:, None, None], cal.pixel_threshold)
+    return (
+        f"<!-- mask precision {tm.precision:.3f} recall {tm.recall:.3f} pixel FPR {tm.fpr:.4f}; "
+        f"gated by the image flag: F1 {gated.f1:.3f} IoU {gated.iou:.3f} "
+        f"(precision {gated.precision:.3f} recall {gated.recall:.3f}) -->"
+    )
 
 
 def main() -> None:
@@ -183,6 +209,9 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], help="field=v;field=v (one head each)")
     ap.add_argument("--rescore", action="append", default=[], help="field=v;... rescoring only")
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument(
+        "--screen-train", type=int, default=None, help="train on the first N of the train split"
+    )
     ap.add_argument("--cache", default="/tmp/acc/cache")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-type", action="store_true")

@@ -76,6 +76,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "cosine": decay to 1 % of lr over `epochs`
     val_fraction: float = 0.1  # held-out normal images for early stopping (and score scales)
     calib_fraction: float = 0.1  # a disjoint held-out slice for threshold calibration only
+    val_positions: int = 512  # grid positions per early-stopping image for the val loss; 0: all
     patience: int = 8  # epochs without validation improvement before stopping; 0 disables
     min_delta: float = 1e-4  # relative improvement that counts
     seed: int = 0
@@ -87,6 +88,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "positions_per_image", "feature_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_positions < 0:
+            raise ValueError(f"val_positions must be >= 0, got {self.val_positions}")
         for name in ("val_fraction", "calib_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
