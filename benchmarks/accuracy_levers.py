@@ -141,7 +141,9 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
     torch.manual_seed(tcfg.seed)
     fitted = fit_head(mcfg, tcfg, bank, val_bank, cpu, progress)
     head = fitted.head
-    fit_global_term(head, bank, cpu)
+    # the global Gaussian always on the whole training split (cheap: pooled means), so that a
+    # --screen-train CAE still has the product's global term
+    fit_global_term(head, data["train"][:, idx].flatten(2), cpu)
     fit_score_scales(head, (f[:, idx].float() for f in data["es"].split(8)))
     fit_s = time.perf_counter() - t0 + data["feature_seconds"] * len(idx) / data["train"].shape[1]
     cal_out = head_outputs(head, data["cal"], idx)
@@ -215,6 +217,7 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/acc/cache")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-type", action="store_true")
+    ap.add_argument("--cache-only", action="store_true", help="extract and cache, no runs")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,6 +231,8 @@ def main() -> None:
         f"{time.perf_counter() - t0:.0f} s; defaults {TrainConfig()} {CalibrationConfig()}",
         flush=True,
     )
+    if args.cache_only:
+        return
     print(HEADER + "\n|" + "---|" * 15, flush=True)
     for text in args.run or [""]:
         run(args, root, data, superset, text)

@@ -132,6 +132,10 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
     version = meta.get("format_version")
     if not isinstance(stored, dict):
         raise ArtifactError("bad model_config in model.json: not an object")
+    if not stored.get("layers") and isinstance(meta.get("backbone"), dict):
+        # "layers: []" meant "the backbone's default layers" when it was written; the layers it
+        # really used are recorded beside it, so a later change of a default cannot change them
+        stored = {**stored, "layers": list(meta["backbone"].get("layers") or [])}
     if version == 1:
         stored = {**LEGACY_V1_MODEL_FIELDS, **stored}
     else:

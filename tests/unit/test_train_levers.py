@@ -68,3 +68,23 @@ def test_cosine_schedule_decays_the_learning_rate_and_unknown_schedules_are_refu
     assert seen[-1] < 0.2e-3
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         TrainConfig(lr_schedule="step")
+
+
+def test_a_model_saved_with_default_layers_keeps_the_layers_it_used():
+    """model_config layers [] meant "the backbone's default when written": loading resolves it to
+    the layers recorded beside it, so changing a backbone's default layers cannot change (or
+    break) an existing model."""
+    from dfr_core.artifact import model_config_of
+    from dfr_core.config import to_dict
+
+    used = ["features.1", "features.3", "features.6", "features.10", "features.13"]
+    for version in (1, 2):
+        stored = to_dict(ModelConfig(layers=()))
+        if version == 1:
+            stored = {k: v for k, v in stored.items() if k not in ("image_score", "global_weight")}
+        meta = {
+            "format_version": version,
+            "model_config": stored,
+            "backbone": {"name": "mobilenet_v2", "layers": used, "channels": 232},
+        }
+        assert model_config_of(meta).layers == tuple(used)
