@@ -147,7 +147,10 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
     fit_score_scales(head, (f[:, idx].float() for f in data["es"].split(8)))
     fit_s = time.perf_counter() - t0 + data["feature_seconds"] * len(idx) / data["train"].shape[1]
     cal_out = head_outputs(head, data["cal"], idx)
+    t_head = time.perf_counter()
     out = head_outputs(head, data["test"], idx)
+    # backbone (measured at caching, superset layers) + this head, per test image
+    ms_image = data["ms_per_image"] + (time.perf_counter() - t_head) * 1000 / len(out.score)
     masks, labels = data["masks"].numpy(), data["labels"].numpy()
     variants = [("", {}, {})] + [
         (f" | {v}", parse_run(v), {}) for v in args.rescore
@@ -165,7 +168,7 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
             cal_o, test_o = cal_out, out
         cal = calibrate_outputs(cal_o, dataclasses.replace(ccfg, **c_changes))
         if m_changes or not suffix:
-            ev = evaluate_outputs(test_o, masks, labels, cal, data["ms_per_image"])
+            ev = evaluate_outputs(test_o, masks, labels, cal, ms_image)
             base_ev = ev if not suffix else base_ev
         else:  # thresholds only: the ranking metrics are the base row's
             tm = metrics.threshold_metrics(masks, test_o.anomaly_map.numpy(), cal.pixel_threshold)

@@ -69,11 +69,11 @@ class ModelConfig:
 class TrainConfig:
     """How the autoencoder is fitted. Defaults chosen by benchmarks/accuracy.py."""
 
-    epochs: int = 60
+    epochs: int = 30  # with lr 1e-3 + cosine: lower validation loss than 60 epochs at 1e-4
     batch_size: int = 4  # images per step (the reference uses 4)
     positions_per_image: int = 256  # grid positions sampled per image per step (1x1 convs)
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # "cosine": decay to 1 % of lr over `epochs`
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # decay to 1 % of lr over `epochs`; "constant": the reference's
     val_fraction: float = 0.1  # held-out normal images for early stopping (and score scales)
     calib_fraction: float = 0.1  # a disjoint held-out slice for threshold calibration only
     val_positions: int = 512  # grid positions per early-stopping image for the val loss; 0: all

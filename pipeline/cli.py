@@ -88,7 +88,7 @@ def main() -> None:
     "--epochs",
     type=click.IntRange(min=1),
     default=None,
-    help="Training epochs for lines without an override [default: 60].",
+    help="Training epochs for lines without an override [default: 30].",
 )
 @click.option(
     "--image-size",

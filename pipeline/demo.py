@@ -5,7 +5,7 @@ model per product line with a local Ray exactly as `dfr-pipeline train` does (ev
 its labelled test set), scores the test images plus one deliberately corrupt file with the Ray
 Data job exactly as `dfr-pipeline score` does, and writes the HTML QA report. Sized to finish in
 a few minutes on two CPU cores: 128 px images and 20 epochs (the library defaults, 256 px and
-60 epochs, are for real data).
+30 epochs, are for real data).
 
 run_demo is a sequence of steps, each a function of the config and the previous results.
 """

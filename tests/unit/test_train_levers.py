@@ -49,7 +49,9 @@ def test_fit_head_on_a_superset_slice_equals_fit_on_the_subset():
 def test_cosine_schedule_decays_the_learning_rate_and_unknown_schedules_are_refused():
     bank = torch.randn(4, 8, 16).half()
     seen = []
-    cfg = TrainConfig(epochs=4, batch_size=2, positions_per_image=8, lr=1e-3, patience=0)
+    cfg = TrainConfig(
+        epochs=4, batch_size=2, positions_per_image=8, lr=1e-3, lr_schedule="constant", patience=0
+    )
     cosine = TrainConfig(**{**cfg.__dict__, "lr_schedule": "cosine"})
     model_cfg = ModelConfig(global_weight=0.0, latent_dim=3)
     real_step = torch.optim.Adam.step
