@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import sys
 import time
 from pathlib import Path
@@ -239,6 +240,8 @@ def main() -> None:
     print(HEADER + "\n|" + "---|" * 15, flush=True)
     for text in args.run or [""]:
         run(args, root, data, superset, text)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {peak:.1f} GiB (the whole process, cached test features included)")
 
 
 if __name__ == "__main__":
