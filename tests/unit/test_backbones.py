@@ -86,7 +86,7 @@ def test_default_layers_and_channels() -> None:
         f"relu{b}_{c}" for b, n in [(1, 2), (2, 2), (3, 4), (4, 4)] for c in range(1, n + 1)
     )
     assert total("vgg19") == 3456
-    assert total("mobilenet_v2") == 392
+    assert total("mobilenet_v2") == 232
     assert total("efficientnet_lite0") == 272
 
 
