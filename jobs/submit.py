@@ -168,7 +168,7 @@ def nightly_job(
 ) -> JobSpec:
     """``python -m jobs.nightly`` as a Ray job, from a local config (validated here and shipped)
     or from ``cluster_config``, a path on the cluster's head (e.g. a mounted ConfigMap)."""
-    from jobs.nightly import load_config, resolve_run_date
+    from pipeline.nightly_config import load_config, resolve_run_date
 
     if (config is None) == (cluster_config is None):
         raise ValueError("give exactly one of a local config and a cluster config path")

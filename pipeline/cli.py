@@ -11,9 +11,12 @@ import click
 from dfr_core.backbones import WeightsNotFoundError, list_backbones
 from pipeline.cli_options import model_option_flags, split_names, storage_options
 from pipeline.demo import DemoConfig, run_demo
+from pipeline.evaluate_cli import evaluate
 from pipeline.manifest import ManifestError
 from pipeline.progress import render_table
 from pipeline.promotion_cli import describe, promote_command, why_latest
+from pipeline.report_cli import report
+from pipeline.score_cli import nightly, score
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
 
 EXIT_FAILED = 1  # ran, but at least one product line failed
@@ -277,12 +280,6 @@ def _register_commands(*commands: click.Command) -> None:
     for command in commands:
         main.add_command(command)
 
-
-# Imported here, after `main` exists: these modules define plain click commands and do not
-# import this one, so there is no cycle.
-from pipeline.evaluate_cli import evaluate  # noqa: E402
-from pipeline.report_cli import report  # noqa: E402
-from pipeline.score_cli import nightly, score  # noqa: E402
 
 _register_commands(score, nightly, report, evaluate)
 models.add_command(promote_command)

@@ -17,6 +17,7 @@ import sys
 import click
 
 from pipeline.listing import ListingError
+from pipeline.nightly_config import NightlyConfigError, load_config
 from pipeline.outputs import MASK_MODES
 from pipeline.run_lease import LeaseHeld, LeaseLost
 from pipeline.score_job import (
@@ -211,8 +212,6 @@ def score(
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
     """The scheduled run: fix the date, pin LATEST models, score, commit the run record."""
-    from jobs.nightly import NightlyConfigError, load_config
-
     try:
         config = load_config(config_path, run_date=run_date, quiet=quiet)
     except (NightlyConfigError, ValueError) as exc:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.nightly import load_config
 from pipeline import outputs
+from pipeline.nightly_config import load_config
 from pipeline.score_cli import EXIT_EMPTY_INPUT, nightly, score
 
 DATE = "2024-05-01"

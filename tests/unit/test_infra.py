@@ -358,7 +358,7 @@ def test_job_inputs_are_files_of_a_configmap_mounted_on_the_head():
 
 
 def test_nightly_config_in_the_configmap_loads_and_fits_the_gpu_workers(tmp_path):
-    from jobs.nightly import load_config
+    from pipeline.nightly_config import load_config
 
     path = tmp_path / "nightly.yaml"
     path.write_text(configmap("dfr-config")["data"]["nightly.yaml"])

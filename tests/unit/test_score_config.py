@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from jobs.nightly import NightlyConfigError, load_config, resolve_run_date
+from pipeline.nightly_config import NightlyConfigError, load_config, resolve_run_date
 from pipeline.score_cli import parse_actors
 from pipeline.score_job import ScoreJobConfig
 

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from ray.job_submission import JobStatus
 
 from jobs import submit
-from jobs.nightly import NightlyConfigError
 from jobs.submit import check_env_vars, nightly_job, submit_nightly, submit_train, train_job
 from pipeline.manifest import ManifestError
+from pipeline.nightly_config import NightlyConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 NIGHTLY_YAML = REPO / "jobs" / "nightly.yaml"
