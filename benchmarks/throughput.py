@@ -198,10 +198,10 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     import torch
 
     from dfr_core.artifact import load_model
+    from dfr_core.decode import decode_image
     from dfr_core.inference import forward_batch
     from dfr_core.resize import resize_image
     from pipeline import registry, storage
-    from pipeline.imageio import decode_image
 
     loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
     model, size = loaded.model.eval(), loaded.model.config.image_size

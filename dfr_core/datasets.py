@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from dfr_core.preprocess import resize_image
+from dfr_core.decode import decode_image, decode_mask, decode_resized
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -54,26 +53,21 @@ def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode with EXIF orientation applied; returns HxW or HxWxC array."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
-            im = im.convert("RGB")
-        return np.asarray(im)
+    """Decode a local file through dfr_core.decode (the pipeline's decoder, so benchmarks and
+    real-data tests see the pixels the scoring job sees): HxW or HxWxC array."""
+    return decode_image(Path(path).read_bytes())
 
 
 def read_mask(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Binarised (> 0) mask resized with nearest neighbour to size x size."""
-    with Image.open(path) as im:
-        m = np.asarray(im.convert("L")) > 127
-    return np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST), dtype=bool)
+    """Binarised mask resized with nearest neighbour to size x size (dfr_core.decode)."""
+    return decode_mask(Path(path).read_bytes(), size)
 
 
 def load_images(paths: list[Path], size: int) -> np.ndarray:
     """Read and resize to (N, S, S, 3) uint8."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        out[i] = resize_image(read_image(p), size)
+        out[i] = decode_resized(Path(p).read_bytes(), size).pixels
     return out
 
 

@@ -14,12 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
-from dfr_core.preprocess import to_rgb_uint8
+from dfr_core.decode import DecodeError, decode_mask
 from pipeline import storage
 from pipeline.image_sets import READ_THREADS, ImageFailure, canonical_uri, read_image
-from pipeline.imageio import DecodeError, decode_image
 from pipeline.storage import IMAGE_SUFFIXES, StorageOptions
 
 GOOD = "good"
@@ -86,10 +84,8 @@ def list_labelled_set(uri: str, options: StorageOptions | None = None) -> list[L
 
 
 def _read_mask(uri: str, size: int, options: StorageOptions | None) -> np.ndarray:
-    """Binarised (> 127) mask resized with nearest neighbour, as dfr_core.datasets.read_mask."""
-    gray = to_rgb_uint8(decode_image(storage.read_bytes(uri, options)))[:, :, 0] > 127
-    resized = Image.fromarray(gray).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(resized, dtype=bool)
+    """Binarised mask resized with nearest neighbour (dfr_core.decode, as dfr_core.datasets)."""
+    return decode_mask(storage.read_bytes(uri, options), size)
 
 
 def _read_sample(

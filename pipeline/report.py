@@ -43,9 +43,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageFilter
 
+from dfr_core.decode import DecodeError, decode_image
 from pipeline import outputs, storage
 from pipeline import report_data as rd
-from pipeline.imageio import DecodeError, decode_image
 from pipeline.report_loop import render_loop
 from pipeline.storage import StorageOptions
 

@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from dfr_core.decode import DEFAULT_MAX_PIXELS
 from pipeline import drift_io, outputs, registry, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import DriftConfig, LineDrift
 from pipeline.image_sets import canonical_uri
-from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing import Listing
 from pipeline.ray_runtime import init_ray

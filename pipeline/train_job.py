@@ -32,6 +32,7 @@ from dfr_core.artifact import ArtifactError, save_model
 from dfr_core.backbones import FeatureBackbone, WeightsNotFoundError, build_backbone, list_backbones
 from dfr_core.calibrate import Calibration, calibrate
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
+from dfr_core.decode import DecodeError
 from dfr_core.device import pick_device
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRModel
@@ -39,7 +40,6 @@ from dfr_core.train import fit, holdout_splits
 from pipeline import drift_io, evaluation, promotion, registry, storage
 from pipeline.feedback import DEFECT, NORMAL, FeedbackRow, load_feedback
 from pipeline.image_sets import LoadedImages, load_images, resolve_images
-from pipeline.imageio import DecodeError
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
 from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.mvtec_remote import LabelledSample, LabelledSetError
