@@ -44,7 +44,7 @@ from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem
 from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.mvtec_remote import LabelledSample, LabelledSetError
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -486,9 +486,7 @@ def build_tasks(
 
 def _ensure_ray(config: TrainJobConfig) -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
-    # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
-    # without --address the job is self-contained; --address auto joins that cluster.
-    return init_ray(config.address or "local", log_to_driver=True)
+    return ensure_ray(config.address, log_to_driver=True)  # --address: pipeline.ray_runtime
 
 
 def _check_resources(config: TrainJobConfig, local: bool, echo: Echo) -> None:

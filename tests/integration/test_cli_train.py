@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import registry, storage
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
+from pipeline.cli import main
+from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_FAILED
 from pipeline.demo import DemoConfig, run_demo
 from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
 

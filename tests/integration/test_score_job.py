@@ -34,7 +34,7 @@ from dfr_core.model import build_extractor
 from dfr_core.preprocess import resize_image
 from dfr_core.train import fit
 from pipeline import outputs, registry, storage
-from pipeline.score_cli import nightly, score
+from pipeline.cli.score import nightly, score
 from pipeline.score_job import RunInterrupted, ScoreJobConfig, run_score_job
 from pipeline.synthetic import render_defect, render_normal
 

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import outputs
+from pipeline.cli.options import EXIT_EMPTY_INPUT
+from pipeline.cli.score import nightly, score
 from pipeline.nightly_config import load_config
-from pipeline.score_cli import EXIT_EMPTY_INPUT, nightly, score
 
 DATE = "2024-05-01"
 

@@ -1,4 +1,10 @@
-"""Flag parsing shared by the click commands (train, models, report): one definition each."""
+"""What every command shares: exit codes, option definitions and flag parsing, one each.
+
+Exit codes of all ``dfr-pipeline`` commands: 0 done; 1 ran, but something failed (a product
+line, the job); 2 nothing ran: bad input or flags (click uses 2 for usage errors too); 3 too
+many error rows (score); 4 empty input (score); 5 another run holds the lease (score); 6 a
+product line drifts (nightly).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,29 @@ from typing import Any
 import click
 
 from pipeline.model_options import OPTIONS, parse_cell
+from pipeline.ray_runtime import ADDRESS_HELP
 from pipeline.storage import StorageOptions
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TOO_MANY_ERRORS = 3
+EXIT_EMPTY_INPUT = 4
+EXIT_LEASE_HELD = 5
+EXIT_DRIFT = 6
+
+#: ``--address``, the same for every command that runs Ray (pipeline.ray_runtime says how).
+address_option = click.option("--address", default=None, metavar="ADDRESS", help=ADDRESS_HELP)
+#: ``--s3-endpoint-url``, the same for every command that reads or writes storage.
+s3_endpoint_option = click.option(
+    "--s3-endpoint-url",
+    default=None,
+    metavar="URL",
+    help="S3-compatible endpoint (MinIO, Ceph); default from DFR_S3_ENDPOINT_URL/AWS_*.",
+)
+
+
+def echo_err(text: str) -> None:
+    click.echo(text, err=True)
 
 
 def storage_options(s3_endpoint_url: str | None) -> StorageOptions:
