@@ -23,10 +23,10 @@ from dfr_core.preprocess import resize_image
 from pipeline import drift_io, evaluation, outputs, promotion, registry
 from pipeline.cli import main
 from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_DRIFT
+from pipeline.demo.shifts import brighten, normal_images, rotate
+from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.drift_io import DRIFT_SCHEMA
 from pipeline.report import ReportConfig, write_report
-from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
-from pipeline.synthetic_shifts import brighten, normal_images, rotate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 LINE = "metal_plate"

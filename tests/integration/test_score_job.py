@@ -35,8 +35,8 @@ from dfr_core.preprocess import resize_image
 from dfr_core.train import fit
 from pipeline import outputs, registry, storage
 from pipeline.cli.score import nightly, score
+from pipeline.demo.synthetic import render_defect, render_normal
 from pipeline.score_job import RunInterrupted, ScoreJobConfig, run_score_job
-from pipeline.synthetic import render_defect, render_normal
 
 pytestmark = pytest.mark.integration
 
