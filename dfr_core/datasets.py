@@ -1,4 +1,8 @@
-"""Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth)."""
+"""Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth).
+
+The layout rule (`GOOD`, `mask_name`) is defined here once; pipeline.mvtec_remote applies it to
+labelled sets at any storage URI (S3 included), this module to local directories.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,13 @@ import numpy as np
 from dfr_core.decode import decode_image, decode_mask, decode_resized
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The defect kind of normal images (``test/good``, ``train/good``).
+GOOD = "good"
+
+
+def mask_name(image_name: str) -> str:
+    """The ground-truth mask file of a test image: ``ground_truth/<kind>/<stem>_mask.png``."""
+    return f"{os.path.splitext(image_name)[0]}_mask.png"
 
 
 class Sample(NamedTuple):
@@ -34,7 +45,7 @@ def _images_in(folder: Path) -> list[Path]:
 def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
     """(train images, test samples) of one category; a defect image without mask is an error."""
     root = Path(root)
-    train_dir = root / "train" / "good"
+    train_dir = root / "train" / GOOD
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{root}: no train/good folder (expected MVTec AD layout)")
     test: list[Sample] = []
@@ -44,8 +55,8 @@ def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
     ):
         for img in _images_in(test_dir / kind):
             mask = None
-            if kind != "good":
-                mask = root / "ground_truth" / kind / f"{img.stem}_mask.png"
+            if kind != GOOD:
+                mask = root / "ground_truth" / kind / mask_name(img.name)
                 if not mask.is_file():
                     raise FileNotFoundError(f"{img}: ground-truth mask {mask} not found")
             test.append(Sample(img, kind, mask))
@@ -77,5 +88,5 @@ def load_test(samples: list[Sample], size: int) -> Split:
     for i, s in enumerate(samples):
         if s.mask is not None:
             masks[i] = read_mask(s.mask, size)
-    labels = np.array([s.defect != "good" for s in samples], dtype=np.int64)
+    labels = np.array([s.defect != GOOD for s in samples], dtype=np.int64)
     return Split(images, masks, labels, [s.defect for s in samples], [s.image for s in samples])
