@@ -107,3 +107,15 @@ def test_a_local_import_circle_is_caught(tmp_path):
     graph = import_graph(tmp_path, ("pkg",))
     assert "pkg.sub.b" in graph["pkg.a"] and graph["pkg.sub.b"] == {"pkg.a"}
     assert set(find_circle(graph)) == {"pkg.a", "pkg.sub.b"}
+
+
+def test_every_package_folder_has_an_init():
+    """A folder of modules without __init__.py becomes a namespace package: its names do not
+    import ("unknown location") and a package build may leave it out."""
+    missing = [
+        str(folder.relative_to(ROOT))
+        for package in PACKAGES
+        for folder in [ROOT / package, *(ROOT / package).rglob("*")]
+        if folder.is_dir() and any(folder.glob("*.py")) and not (folder / "__init__.py").exists()
+    ]
+    assert not missing, missing
