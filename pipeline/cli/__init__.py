@@ -1,24 +1,21 @@
-"""The ``dfr-pipeline`` command line: one module per command group, each parsing flags into one
-config and calling one function (the work lives in the modules it calls). Options every command
-shares (``--address``, ``--s3-endpoint-url``, the exit codes) are defined once, in
-:mod:`pipeline.cli.options`."""
+"""The ``dfr-pipeline`` command line: one module per command group (train, models, demo, score +
+nightly, report, evaluate), each parsing flags into one config and calling one function (the
+work lives in the modules it calls). What they share (``--address``, ``--s3-endpoint-url``, the
+exit codes) is defined once, in :mod:`pipeline.cli.options`; the group is in
+:mod:`pipeline.cli.group`.
+
+This package module imports no command: ``python -m pipeline.cli.score`` must stay a small,
+torch-free process (the scoring driver), so ``main`` is loaded on first use.
+"""
 
 from __future__ import annotations
 
-import click
-
-from pipeline.cli.demo import demo
-from pipeline.cli.evaluate import evaluate
-from pipeline.cli.models import models
-from pipeline.cli.report import report
-from pipeline.cli.score import nightly, score
-from pipeline.cli.train import train
+from typing import Any
 
 
-@click.group()
-def main() -> None:
-    """DFR anomaly segmentation: train per-product-line models on Ray, score image archives."""
+def __getattr__(name: str) -> Any:
+    if name == "main":  # the console script's entry point, pipeline.cli:main
+        from pipeline.cli.group import main
 
-
-for _command in (train, models, demo, score, nightly, report, evaluate):
-    main.add_command(_command)
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
 """What every command shares: exit codes, option definitions and flag parsing, one each.
+Torch-free (the scoring driver, ``python -m pipeline.cli.score``, imports it).
 
 Exit codes of all ``dfr-pipeline`` commands: 0 done; 1 ran, but something failed (a product
 line, the job); 2 nothing ran: bad input or flags (click uses 2 for usage errors too); 3 too
@@ -8,12 +9,8 @@ product line drifts (nightly).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import click
 
-from pipeline.model_options import OPTIONS, parse_cell
 from pipeline.ray_runtime import ADDRESS_HELP
 from pipeline.storage import StorageOptions
 
@@ -50,24 +47,3 @@ def storage_options(s3_endpoint_url: str | None) -> StorageOptions:
 def split_names(values: tuple[str, ...]) -> tuple[str, ...]:
     """A repeatable name option: `--only a --only b` and `--only a,b` both work."""
     return tuple(name.strip() for v in values for name in v.split(",") if name.strip())
-
-
-def _parse_model_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_cell(param.name, value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def model_option_flags(func: Callable) -> Callable:
-    """One --flag per model option (pipeline.model_options.OPTIONS), parsed like the manifest's
-    cells; unset flags are None (the preset or dfr_core default applies)."""
-    for option in reversed(OPTIONS):
-        flag = "--" + option.name.replace("_", "-")
-        func = click.option(
-            flag, option.name, default=None, callback=_parse_model_option,
-            help=f"{option.help[0].upper()}{option.help[1:]} (lines without an override).",
-        )(func)  # fmt: skip
-    return func

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -13,14 +14,36 @@ from pipeline.cli.options import (
     EXIT_FAILED,
     address_option,
     echo_err,
-    model_option_flags,
     s3_endpoint_option,
     split_names,
     storage_options,
 )
 from pipeline.manifest import ManifestError
+from pipeline.model_options import OPTIONS, parse_cell
 from pipeline.progress import render_table
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
+
+
+def _parse_model_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_cell(param.name, value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def model_option_flags(func: Callable) -> Callable:
+    """One --flag per model option (pipeline.model_options.OPTIONS), parsed like the manifest's
+    cells; unset flags are None (the preset or dfr_core default applies)."""
+    for option in reversed(OPTIONS):
+        flag = "--" + option.name.replace("_", "-")
+        func = click.option(
+            flag, option.name, default=None, callback=_parse_model_option,
+            help=f"{option.help[0].upper()}{option.help[1:]} (lines without an override).",
+        )(func)  # fmt: skip
+    return func
+
 
 RESULT_HEADERS = (
     "product", "status", "images", "latent d", "img thr", "px thr",
