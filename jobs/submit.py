@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial, wraps
+from typing import Any, NamedTuple
 
 import click
 
@@ -39,12 +41,23 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-def _run(
-    build: Callable[[], JobSpec], address: str | None, dry_run: bool, wait_for_end: bool
-) -> None:
-    """Build the job (bad input: exit 2), then print it or submit it (and maybe wait)."""
+class Submission(NamedTuple):
+    """The options every job command has (defined once, in `_common`)."""
+
+    address: str | None
+    env: tuple[str, ...]
+    submission_id: str | None
+    dry_run: bool
+    wait_for_end: bool
+
+
+def _run(build: Callable[..., JobSpec], submission: Submission) -> None:
+    """Build the job (bad input: exit 2), then print it or submit it (and maybe wait).
+    ``build`` takes the options every job has (env_vars, submission_id)."""
+    address, dry_run, wait_for_end = submission.address, submission.dry_run, submission.wait_for_end
+    env_vars = _parse_env(submission.env)
     try:
-        spec = build()
+        spec = build(env_vars=env_vars, submission_id=submission.submission_id)
     except (ValueError, OSError) as exc:  # ManifestError and NightlyConfigError are ValueErrors
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -92,9 +105,16 @@ def _common(func: Callable[..., None]) -> Callable[..., None]:
             "--wait", "wait_for_end", is_flag=True, help="Wait; exit 1 unless it succeeds."
         ),
     ]
+
+    @wraps(func)
+    def with_submission(*args: Any, **kwargs: Any) -> None:
+        submission = Submission(*(kwargs.pop(name) for name in Submission._fields))
+        func(*args, submission=submission, **kwargs)
+
+    command: Callable[..., None] = with_submission
     for option in reversed(options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command
 
 
 @click.group()
@@ -111,29 +131,14 @@ def train(
     ctx: click.Context,
     products: str,
     models_uri: str,
-    address: str | None,
-    env: tuple[str, ...],
-    submission_id: str | None,
-    dry_run: bool,
-    wait_for_end: bool,
+    submission: Submission,
 ) -> None:
     """Submit `dfr-pipeline train` (one model per product line of a manifest).
 
     Every other flag (--gpus-per-task, --backbone, --only, --retries, model options, ...) goes
     to `dfr-pipeline train` as given; see `dfr-pipeline train --help`."""
-    env_vars = _parse_env(env)
-    _run(
-        lambda: train_job(
-            products,
-            models_uri,
-            extra_args=tuple(ctx.args),
-            env_vars=env_vars,
-            submission_id=submission_id,
-        ),
-        address,
-        dry_run,
-        wait_for_end,
-    )
+    build = partial(train_job, products, models_uri, extra_args=tuple(ctx.args))
+    _run(build, submission)
 
 
 @cli.command()
@@ -157,27 +162,13 @@ def nightly(
     cluster_config: str | None,
     run_date: str | None,
     progress: bool,
-    address: str | None,
-    env: tuple[str, ...],
-    submission_id: str | None,
-    dry_run: bool,
-    wait_for_end: bool,
+    submission: Submission,
 ) -> None:
     """Submit the nightly scoring run (`python -m jobs.nightly`)."""
-    env_vars = _parse_env(env)
-    _run(
-        lambda: nightly_job(
-            config,
-            cluster_config=cluster_config,
-            run_date=run_date,
-            quiet=not progress,
-            env_vars=env_vars,
-            submission_id=submission_id,
-        ),
-        address,
-        dry_run,
-        wait_for_end,
+    build = partial(
+        nightly_job, config, cluster_config=cluster_config, run_date=run_date, quiet=not progress
     )
+    _run(build, submission)
 
 
 def main() -> None:

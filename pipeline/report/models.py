@@ -99,27 +99,32 @@ def _training_pairs(meta: dict[str, Any]) -> Pairs:
     ]
 
 
+#: (label, model.json key) of the calibration and evaluation tables, in display order.
+CALIBRATION_ROWS = (
+    ("image threshold", "image_threshold"),
+    ("pixel threshold", "pixel_threshold"),
+    ("image FPR target", "image_fpr"),
+    ("pixel FPR target", "pixel_fpr"),
+    ("calibration images", "n_images"),
+)
+METRIC_ROWS = (
+    ("image AUROC", "image_auroc"),
+    ("pixel AUROC", "pixel_auroc"),
+    ("PRO (AUPRO)", "pro"),
+    ("pixel F1", "f1"),
+    ("pixel IoU", "iou"),
+    ("test images", "n_images"),
+    ("anomalous test images", "n_anomalous"),
+)
+
+
+def _number_pairs(section: dict[str, Any], rows: tuple[tuple[str, str], ...]) -> Pairs:
+    return [(label, num(section.get(key))) for label, key in rows]
+
+
 def _calibration_pairs(calibration: dict[str, Any]) -> Pairs:
-    return [
-        ("image threshold", num(calibration.get("image_threshold"))),
-        ("pixel threshold", num(calibration.get("pixel_threshold"))),
-        ("image FPR target", num(calibration.get("image_fpr"))),
-        ("pixel FPR target", num(calibration.get("pixel_fpr"))),
-        ("calibration images", num(calibration.get("n_images"))),
-        ("method", str(calibration.get("method") or MISSING)),
-    ]
-
-
-def _metric_pairs(metrics: dict[str, Any]) -> Pairs:
-    return [
-        ("image AUROC", num(metrics.get("image_auroc"))),
-        ("pixel AUROC", num(metrics.get("pixel_auroc"))),
-        ("PRO (AUPRO)", num(metrics.get("pro"))),
-        ("pixel F1", num(metrics.get("f1"))),
-        ("pixel IoU", num(metrics.get("iou"))),
-        ("test images", num(metrics.get("n_images"))),
-        ("anomalous test images", num(metrics.get("n_anomalous"))),
-    ]
+    method = str(calibration.get("method") or MISSING)
+    return [*_number_pairs(calibration, CALIBRATION_ROWS), ("method", method)]
 
 
 def _curve_plots(metrics: dict[str, Any]) -> list[str]:
@@ -162,7 +167,7 @@ def model_view(info: ModelInfo) -> ModelView:
         info.version,
         training=_training_pairs(meta),
         calibration=_calibration_pairs(calibration) if calibration else None,
-        metrics=_metric_pairs(metrics) if has_eval else None,
+        metrics=_number_pairs(metrics, METRIC_ROWS) if has_eval else None,
         curves_note=has_eval and len(plots) <= (1 if loss else 0),
         plots=tuple(plots),
     )
