@@ -5,7 +5,7 @@
         --data ../shared/datasets/kolektorsdd/kolektorsdd
 
 ``synthetic``: per seed, a tiny model is trained on generated normal images of one line
-(pipeline.synthetic), calibrated, and its drift reference stored as the training job does; then
+(pipeline.demo.synthetic), calibrated, and its drift reference stored as the training job does; then
 four nights of new images are scored in process (the scoring job's forward pass and input
 statistics): normal, brighter (+35 grey levels), blurred (Gaussian radius 1.5 px before the
 resize) and defective. Prints, per night kind, how many seeds flag it and the median statistics.
@@ -32,10 +32,10 @@ from dfr_core.datasets import list_category, load_images
 from dfr_core.model import build_extractor
 from dfr_core.preprocess import resize_image
 from dfr_core.train import fit
+from pipeline.demo.shifts import normal_images, rotate, shifted_nights
+from pipeline.demo.synthetic import render_normal
 from pipeline.drift import DriftConfig, compute_drift
 from pipeline.drift_io import make_reference, rows_of_images
-from pipeline.synthetic import render_normal
-from pipeline.synthetic_shifts import normal_images, rotate, shifted_nights
 
 SIZE = 64
 LAYERS = ("features.1", "features.3")
@@ -126,10 +126,10 @@ def run_gate(args: argparse.Namespace) -> None:
     (another training seed), which must not be held."""
     import tempfile
 
+    from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
     from pipeline.evaluation import evaluate_model
     from pipeline.mvtec_remote import load_labelled_set
     from pipeline.promotion import compare
-    from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
 
     root = tempfile.mkdtemp(prefix="dfr-gate-")
     for seed in range(args.seeds):

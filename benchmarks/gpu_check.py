@@ -47,7 +47,7 @@ def _rel(a, b) -> float:  # noqa: ANN001 - torch tensors
 
 
 def _synthetic(n: int, size: int, seed: int = 0) -> np.ndarray:
-    from pipeline.synthetic import render_normal
+    from pipeline.demo.synthetic import render_normal
 
     with ThreadPoolExecutor(os.cpu_count() or 4) as pool:
         imgs = pool.map(

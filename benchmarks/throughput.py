@@ -25,7 +25,7 @@ every N, which is what "flat" compares.
 
 Model: mobilenet_v2 (offline ImageNet weights) with its default layers at ``--size`` px, a head
 trained briefly on synthetic images. Images are ``--image-px`` square PNGs from
-pipeline.synthetic (a pool of distinct images written under N names, so setup stays fast).
+pipeline.demo.synthetic (a pool of distinct images written under N names, so setup stays fast).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _train(root: Path, size: int) -> str:
     from dfr_core.model import build_extractor
     from dfr_core.train import fit
     from pipeline import registry
-    from pipeline.synthetic import render_normal
+    from pipeline.demo.synthetic import render_normal
 
     config = ModelConfig(backbone="mobilenet_v2", image_size=size)
     train = TrainConfig(epochs=3, batch_size=4, positions_per_image=256, patience=0)
@@ -162,7 +162,7 @@ def _pool(image_px: int) -> list[bytes]:
     import numpy as np
     from PIL import Image
 
-    from pipeline.synthetic import render_defect, render_normal
+    from pipeline.demo.synthetic import render_defect, render_normal
 
     out = []
     for i in range(POOL):
@@ -198,10 +198,10 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     import torch
 
     from dfr_core.artifact import load_model
+    from dfr_core.decode import decode_image
     from dfr_core.inference import forward_batch
     from dfr_core.resize import resize_image
     from pipeline import registry, storage
-    from pipeline.imageio import decode_image
 
     loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
     model, size = loaded.model.eval(), loaded.model.config.image_size

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torchvision
 
+from dfr_core import __version__
 from dfr_core.calibrate import Calibration
 from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict, to_dict
 from dfr_core.features import FeatureExtractor
@@ -31,7 +32,7 @@ FORMAT = "dfr-pipeline-model"
 FORMAT_VERSION = 2
 CONFIG_FILE = "model.json"
 HEAD_FILE = "head.pt"
-LIBRARY_VERSION = "0.1.0"
+LIBRARY_VERSION = __version__  # recorded in model.json; one copy (pyproject.toml's aside)
 
 
 class ArtifactError(ValueError):

@@ -1,4 +1,8 @@
-"""Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth)."""
+"""Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth).
+
+The layout rule (`GOOD`, `mask_name`) is defined here once; pipeline.mvtec_remote applies it to
+labelled sets at any storage URI (S3 included), this module to local directories.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from dfr_core.preprocess import resize_image
+from dfr_core.decode import decode_image, decode_mask, decode_resized
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The defect kind of normal images (``test/good``, ``train/good``).
+GOOD = "good"
+
+
+def mask_name(image_name: str) -> str:
+    """The ground-truth mask file of a test image: ``ground_truth/<kind>/<stem>_mask.png``."""
+    return f"{os.path.splitext(image_name)[0]}_mask.png"
 
 
 class Sample(NamedTuple):
@@ -35,7 +45,7 @@ def _images_in(folder: Path) -> list[Path]:
 def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
     """(train images, test samples) of one category; a defect image without mask is an error."""
     root = Path(root)
-    train_dir = root / "train" / "good"
+    train_dir = root / "train" / GOOD
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{root}: no train/good folder (expected MVTec AD layout)")
     test: list[Sample] = []
@@ -45,8 +55,8 @@ def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
     ):
         for img in _images_in(test_dir / kind):
             mask = None
-            if kind != "good":
-                mask = root / "ground_truth" / kind / f"{img.stem}_mask.png"
+            if kind != GOOD:
+                mask = root / "ground_truth" / kind / mask_name(img.name)
                 if not mask.is_file():
                     raise FileNotFoundError(f"{img}: ground-truth mask {mask} not found")
             test.append(Sample(img, kind, mask))
@@ -54,26 +64,21 @@ def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode with EXIF orientation applied; returns HxW or HxWxC array."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
-            im = im.convert("RGB")
-        return np.asarray(im)
+    """Decode a local file through dfr_core.decode (the pipeline's decoder, so benchmarks and
+    real-data tests see the pixels the scoring job sees): HxW or HxWxC array."""
+    return decode_image(Path(path).read_bytes())
 
 
 def read_mask(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Binarised (> 0) mask resized with nearest neighbour to size x size."""
-    with Image.open(path) as im:
-        m = np.asarray(im.convert("L")) > 127
-    return np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST), dtype=bool)
+    """Binarised mask resized with nearest neighbour to size x size (dfr_core.decode)."""
+    return decode_mask(Path(path).read_bytes(), size)
 
 
 def load_images(paths: list[Path], size: int) -> np.ndarray:
     """Read and resize to (N, S, S, 3) uint8."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
-        out[i] = resize_image(read_image(p), size)
+        out[i] = decode_resized(Path(p).read_bytes(), size).pixels
     return out
 
 
@@ -83,5 +88,5 @@ def load_test(samples: list[Sample], size: int) -> Split:
     for i, s in enumerate(samples):
         if s.mask is not None:
             masks[i] = read_mask(s.mask, size)
-    labels = np.array([s.defect != "good" for s in samples], dtype=np.int64)
+    labels = np.array([s.defect != GOOD for s in samples], dtype=np.int64)
     return Split(images, masks, labels, [s.defect for s in samples], [s.image for s in samples])

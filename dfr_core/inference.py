@@ -10,18 +10,38 @@ precision contract of `dfr_core.precision`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from dfr_core.anomaly import AnomalyOutput
+from dfr_core.config import ModelConfig
 from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head, pooled_means
 from dfr_core.features import FeatureExtractor
 from dfr_core.precision import PrecisionSpec, exact_fp32
 from dfr_core.preprocess import normalize_batch
 
-if TYPE_CHECKING:  # dfr_core.model calls forward_batch (DFRModel.predict): no import at run time
-    from dfr_core.model import AnomalyOutput, DFRHead, DFRModel
+
+class DFRHead(Protocol):
+    """What the forward needs of a head (dfr_core.model.DFRHead; structural, so that this module
+    does not import dfr_core.model, which imports it)."""
+
+    config: ModelConfig
+
+    def from_error_grid(
+        self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
+    ) -> AnomalyOutput: ...
+
+    def parameters(self): ...
+
+
+class DFRModel(Protocol):
+    """What the forward needs of a model (dfr_core.model.DFRModel)."""
+
+    head: DFRHead
+    extractor: FeatureExtractor
+    precision: PrecisionSpec
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Anomaly-detection metrics: image/pixel AUROC, PRO / AUPRO (MVTec AD), fixed-threshold scores.
 
-Pure numpy on purpose: evaluation runs inside pipeline workers where scipy and scikit-learn are
-not dependencies, and the numbers must not depend on which optional library happens to be
-installed. Every function takes numpy arrays or CPU/GPU torch tensors.
+numpy, and scipy for connected components (``scipy.ndimage.label``, a dependency). The curves and
+AUROCs are computed here rather than with scikit-learn: they are exact under ties (below), need
+only a partial sort for the PRO's low-FPR range, and do not depend on an optional library.
+Every function takes numpy arrays or CPU/GPU torch tensors.
 
 Threshold convention, shared by every function here and by ``dfr_core.calibrate``: a pixel or
 image is predicted anomalous when its score is *strictly greater* than the threshold. Curve
@@ -18,6 +19,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = [
     "ProCurve",
@@ -249,102 +251,22 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
 
 # --------------------------------------------------------------------------- connected components
 
-
-class _Runs(NamedTuple):
-    """Horizontal runs of foreground in a row-padded image, in raster order.
-
-    ``start``/``stop`` are flat indices into the image padded with one background column on each
-    side (row length ``stride``), so runs never wrap across rows and the pixel above index i is
-    simply ``i - stride``.
-    """
-
-    start: np.ndarray
-    stop: np.ndarray
-    stride: int
-
-
-def _find_runs(mask: np.ndarray) -> _Runs:
-    """Runs of a 2-D bool mask via one diff over the padded image (no Python loop)."""
-    rows, width = mask.shape
-    padded = np.zeros((rows, width + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded.ravel())
-    start = np.flatnonzero(edges == 1) + 1
-    stop = np.flatnonzero(edges == -1) + 1
-    return _Runs(start, stop, width + 2)
-
-
-def _link_runs(runs: _Runs, connectivity: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Edges (a, b) between each run b and the touching runs a in the row above.
-
-    Runs in a row are disjoint and sorted, so the runs touching b form a contiguous index range
-    found with two searchsorted calls. No edge crosses a multiple of ``block_rows``: that is how a
-    stack of images reshaped to one tall image keeps its images separate.
-    """
-    start, stop, stride = runs
-    diag = connectivity == 8  # 8-connectivity also joins runs that only touch at a corner
-    lo = np.searchsorted(stop, start - stride, side="left" if diag else "right")
-    hi = np.searchsorted(start, stop - stride, side="right" if diag else "left")
-    first_row = (start // stride) % block_rows == 0
-    counts = np.where(first_row, 0, np.maximum(hi - lo, 0))
-    b = np.repeat(np.arange(start.size), counts)
-    offsets = np.arange(b.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    a = np.repeat(lo, counts) + offsets
-    return a, b
-
-
-def _compress(parent: np.ndarray) -> np.ndarray:
-    """Pointer jumping until every node points at its root."""
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return parent
-        parent = grand
-
-
-def _union_find(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root of every node, the smallest index of its component (vectorised hook-and-compress).
-
-    Each round hooks the larger root of every still-split edge under the smaller one, so parents
-    only ever decrease (no cycles) and each round removes roots; a handful of rounds suffices.
-    """
-    parent = np.arange(n)
-    while a.size:
-        ra, rb = parent[a], parent[b]
-        split = ra != rb
-        a, b, ra, rb = a[split], b[split], ra[split], rb[split]
-        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
-        parent = _compress(parent)
-    return parent
-
-
-def _run_components(
-    mask: np.ndarray, connectivity: int, block_rows: int
-) -> tuple[_Runs, np.ndarray, int]:
-    """Runs, the component (0..k-1, numbered in raster order) of each run, and k."""
-    runs = _find_runs(mask)
-    a, b = _link_runs(runs, connectivity, max(block_rows, 1))
-    roots = _union_find(runs.start.size, a, b)
-    uniq, component = np.unique(roots, return_inverse=True)
-    return runs, component, int(uniq.size)
+#: 8-connectivity within an image, nothing across the images of a (N, H, W) stack.
+_STACK_8 = np.zeros((3, 3, 3), dtype=bool)
+_STACK_8[1] = True
 
 
 def label_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
-    """Connected components of a 2-D mask: ``(labels int32, count)``, 0 = background.
-
-    Same partition and raster numbering as ``scipy.ndimage.label`` (nonzero = foreground) without
-    depending on scipy. Works on runs rather than pixels, so a 256x256 mask takes milliseconds.
-    """
+    """Connected components of a 2-D mask: ``(labels int32, count)``, 0 = background
+    (``scipy.ndimage.label``; nonzero = foreground)."""
     m = _to_numpy(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {m.shape}")
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    fg = m != 0
-    runs, component, count = _run_components(fg, connectivity, fg.shape[0])
-    labels = np.zeros(fg.size, dtype=np.int32)
-    labels[np.flatnonzero(fg)] = np.repeat(component + 1, runs.stop - runs.start)
-    return labels.reshape(fg.shape), count
+    structure = np.ones((3, 3), dtype=bool) if connectivity == 8 else None
+    labels, count = ndimage.label(m != 0, structure=structure)
+    return labels.astype(np.int32, copy=False), int(count)
 
 
 # --------------------------------------------------------------------------- PRO
@@ -356,13 +278,12 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
     With these weights the PRO at a threshold is just the summed weight of defect pixels above
     it. Regions are 8-connected within an image and never span two images.
     """
-    n, h, w = masks.shape
-    runs, component, count = _run_components(masks.reshape(n * h, w), 8, h)
+    labels, count = ndimage.label(masks, structure=_STACK_8)
     if count == 0:
         raise ValueError("PRO needs at least one defect region, but every mask is empty")
-    lengths = runs.stop - runs.start
-    sizes = np.bincount(component, weights=lengths, minlength=count)
-    return np.repeat(1.0 / (sizes[component] * count), lengths)
+    component = labels[masks]
+    sizes = np.bincount(component, minlength=count + 1)
+    return 1.0 / (sizes[component] * count)
 
 
 def _weight_above(

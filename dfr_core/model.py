@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfr_core.anomaly import AnomalyOutput, concat_outputs
 from dfr_core.backbones import FeatureBackbone, build_backbone
 from dfr_core.cae import CAE
 from dfr_core.config import ModelConfig
 from dfr_core.features import FeatureExtractor
+from dfr_core.inference import forward_batch
 from dfr_core.precision import PrecisionSpec
 from dfr_core.preprocess import resize_image
 from dfr_core.scoring import ScoreTerms, aggregate, mahalanobis, normalise
-
-
-class AnomalyOutput(NamedTuple):
-    """anomaly_map (B, S, S): reconstruction error; score (B,): the image score the image
-    threshold applies to (config.image_score, normalised and fused per the config; the max of
-    the map for the paper's and for format-1 models); max_score (B,): the max of the map."""
-
-    anomaly_map: torch.Tensor
-    score: torch.Tensor
-    max_score: torch.Tensor | None = None
-
-
-def concat_outputs(outs: list[AnomalyOutput]) -> AnomalyOutput:
-    """Batches of outputs -> one output on the CPU in float32."""
-    return AnomalyOutput(
-        torch.cat([o.anomaly_map.float().cpu() for o in outs]),
-        torch.cat([o.score.float().cpu() for o in outs]),
-        torch.cat([o.max_score.float().cpu() for o in outs]),
-    )
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -194,8 +176,6 @@ class DFRModel(nn.Module):
     def predict(self, images: list[np.ndarray], batch_size: int = 16) -> AnomalyOutput:
         """Decoded images of any size -> maps at image_size and scores, in eval mode, through
         the same batched forward (and precision) as calibration and the scoring job."""
-        from dfr_core.inference import forward_batch  # local import: inference imports this
-
         self.eval()
         outs = []
         size = self.config.image_size
@@ -203,13 +183,6 @@ class DFRModel(nn.Module):
             batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
             outs.append(forward_batch(self, batch))
         return concat_outputs(outs)
-
-    @classmethod
-    def from_artifact(cls, path: str, weights_path: str | None = None) -> DFRModel:
-        """Rebuild a saved model exactly (see dfr_core.artifact.load_model)."""
-        from dfr_core.artifact import load_model  # local import: artifact imports this module
-
-        return load_model(path, weights_path).model
 
 
 def build_extractor(

@@ -3,7 +3,7 @@
 Used by manifest validation (count what a row points at, before any Ray work) and by the
 training task (read what it points at), so both see exactly the same images.
 
-Reading goes through :mod:`pipeline.storage` and :mod:`pipeline.imageio`, the paths the scoring
+Reading goes through :mod:`pipeline.storage` and :mod:`dfr_core.decode`, the paths the scoring
 job uses, so local and S3 archives behave alike and a corrupt file is reported with the same
 reason codes everywhere.
 """
@@ -19,9 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from dfr_core.preprocess import resize_image
+from dfr_core.decode import DecodeError, decode_resized
 from pipeline import storage
-from pipeline.imageio import DecodeError, decode_image
 from pipeline.storage import IMAGE_SUFFIXES, StorageOptions
 
 #: A URI with one of these suffixes is read as a list of image URIs, not as an image prefix.
@@ -107,12 +106,7 @@ def resolve_images(uri: str, options: StorageOptions | None = None) -> list[str]
 
 def read_image(uri: str, size: int, options: StorageOptions | None = None) -> np.ndarray:
     """Read, decode and resize one image to (S, S, 3) uint8 (DecodeError when unusable)."""
-    data = storage.read_bytes(uri, options)
-    array = decode_image(data)
-    try:
-        return resize_image(array, size)
-    except ValueError as exc:  # e.g. an image with 2 channels
-        raise DecodeError("unsupported_shape", str(exc)) from exc
+    return decode_resized(storage.read_bytes(uri, options), size).pixels
 
 
 def _read_or_failure(

@@ -17,9 +17,8 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from dfr_core.resize import resize_image
+from dfr_core.decode import DecodeError, decode_resized
 from pipeline import storage
-from pipeline.imageio import DecodeError, decode_image
 from pipeline.input_stats import STAT_NAMES, image_stats
 from pipeline.storage import StorageOptions
 
@@ -152,19 +151,15 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
     for i in range(n):
         if status[i] != "ok":
             continue
+        size = config.image_sizes[lines[i]]
         try:
-            array = decode_image(data[i], config.max_pixels)
-            size = config.image_sizes[lines[i]]
-            resized = resize_image(array, size)
+            decoded = decode_resized(data[i], size, config.max_pixels)
         except DecodeError as exc:
             failures[i] = RowError(exc.reason, exc.message)
             continue
-        except ValueError as exc:  # decoded, but not an image layout the model can take
-            failures[i] = RowError("unsupported_format", str(exc))
-            continue
-        heights[i], widths[i] = int(array.shape[0]), int(array.shape[1])
-        pixels[i], sizes[i] = resized.tobytes(), size
-        stats[i] = image_stats(resized)
+        heights[i], widths[i] = decoded.height, decoded.width
+        pixels[i], sizes[i] = decoded.pixels.tobytes(), size
+        stats[i] = image_stats(decoded.pixels)
     batch = _set_errors(batch.drop_columns(["data"]), failures)
     columns = {"width": widths, "height": heights, "pixels": pixels, "size": sizes}
     for k, name in enumerate(STAT_NAMES):

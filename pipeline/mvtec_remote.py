@@ -1,28 +1,24 @@
 """Labelled test sets in MVTec AD layout at any storage URI (local directory or S3 prefix).
 
 ``{uri}/test/<kind>/<name>.<ext>`` with kind ``good`` for normal images, and for every other
-kind a mask ``{uri}/ground_truth/<kind>/<stem>_mask.png``: the rule of dfr_core.datasets, which
-reads local directories only. This module lists with one recursive listing per folder, so it
-costs two requests on S3 however many images there are, and it reads through the same storage
-and decode path as training.
+kind a mask ``{uri}/ground_truth/<kind>/<stem>_mask.png``: the rule of dfr_core.datasets (``GOOD``,
+``mask_name``), which reads local directories only. This module lists with one recursive
+listing per folder, so it costs two requests on S3 however many images there are, and it reads
+through the same storage and decode path as training.
 """
 
 from __future__ import annotations
 
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
-from dfr_core.preprocess import to_rgb_uint8
+from dfr_core.datasets import GOOD, mask_name
+from dfr_core.decode import DecodeError, decode_mask
 from pipeline import storage
 from pipeline.image_sets import READ_THREADS, ImageFailure, canonical_uri, read_image
-from pipeline.imageio import DecodeError, decode_image
 from pipeline.storage import IMAGE_SUFFIXES, StorageOptions
-
-GOOD = "good"
 
 
 class LabelledSample(NamedTuple):
@@ -72,9 +68,8 @@ def list_labelled_set(uri: str, options: StorageOptions | None = None) -> list[L
         kind, name = parts
         mask = None
         if kind != GOOD:
-            stem = posixpath.splitext(name)[0]
             try:
-                mask = storage.join_uri(gt_uri, kind, f"{stem}_mask.png")
+                mask = storage.join_uri(gt_uri, kind, mask_name(name))
             except ValueError as exc:
                 raise LabelledSetError(f"{image}: cannot name its mask ({exc})") from None
             if mask not in masks:
@@ -86,10 +81,8 @@ def list_labelled_set(uri: str, options: StorageOptions | None = None) -> list[L
 
 
 def _read_mask(uri: str, size: int, options: StorageOptions | None) -> np.ndarray:
-    """Binarised (> 127) mask resized with nearest neighbour, as dfr_core.datasets.read_mask."""
-    gray = to_rgb_uint8(decode_image(storage.read_bytes(uri, options)))[:, :, 0] > 127
-    resized = Image.fromarray(gray).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(resized, dtype=bool)
+    """Binarised mask resized with nearest neighbour (dfr_core.decode, as dfr_core.datasets)."""
+    return decode_mask(storage.read_bytes(uri, options), size)
 
 
 def _read_sample(

@@ -1,5 +1,17 @@
 """Ray start-up for the CLI commands: one place that decides how ``ray.init`` is called.
 
+``--address`` means the same for every command (train, score, nightly, demo), documented here
+once (`ADDRESS_HELP`, docs/scaling.md):
+
+* omitted (None): a private local Ray, started for this command and shut down after it, even
+  when ``RAY_ADDRESS`` is set or a ``ray start`` cluster runs on this machine: a command without
+  ``--address`` is self-contained and never lands on a cluster by accident;
+* ``auto``: join the cluster named by ``RAY_ADDRESS``, or the one ``ray start`` runs here (what a
+  job submitted to a cluster uses: ``ray job submit -- dfr-pipeline ... --address auto``);
+* ``host:port`` joins that cluster's GCS, ``ray://host:10001`` connects through Ray Client.
+
+A process already connected (a test, the demo, a notebook) is left connected as it is.
+
 Why it exists: a newcomer's successful ``dfr-pipeline train``/``score``/``demo`` must not print
 warnings they cannot act on. Ray 2.60 logs "Token authentication is enabled for this Ray
 cluster. Set RAY_AUTH_MODE=disabled to opt out" every time it starts a new local cluster with
@@ -16,6 +28,11 @@ import logging
 import os
 from typing import Any
 
+#: The help text of every command's --address option.
+ADDRESS_HELP = (
+    "Ray cluster to join: 'auto' (RAY_ADDRESS or the `ray start` cluster here), host:port or "
+    "ray://host:10001; omitted: a private local Ray for this command."
+)
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 AUTO_ENABLED_NOTICE = "Token authentication is enabled for this Ray cluster"
 
@@ -53,3 +70,9 @@ def init_ray(address: str | None, **kwargs: Any) -> bool:
     kwargs.setdefault("logging_level", logging.WARNING)
     ray.init(address=address, **kwargs)
     return True
+
+
+def ensure_ray(address: str | None, **kwargs: Any) -> bool:
+    """Connect as ``--address`` says (see the module docstring); True when this call connected,
+    so the caller shuts Ray down."""
+    return init_ray(address or "local", **kwargs)

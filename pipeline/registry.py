@@ -15,7 +15,6 @@ the scoring job, which reads LATEST, can never pick up a half-written model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from dfr_core.artifact import CONFIG_FILE, ArtifactError, read_metadata
+from dfr_core.backbones import sha256_file
 from pipeline import storage
 from pipeline.image_sets import canonical_uri
 from pipeline.run_lease import process_alive
@@ -125,10 +125,6 @@ def list_versions(
     return sorted(versions)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _verify_dir(directory: Path) -> dict[str, Any]:
     """model.json parses and every file it lists has the recorded sha256 (ArtifactError if not)."""
     meta = read_metadata(directory)
@@ -136,7 +132,7 @@ def _verify_dir(directory: Path) -> dict[str, Any]:
         path = directory / storage.safe_component(name, "artifact file")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (listed in {CONFIG_FILE})")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ArtifactError(f"{path}: sha256 mismatch with {CONFIG_FILE}")
     return meta
 

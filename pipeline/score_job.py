@@ -29,14 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from dfr_core.decode import DEFAULT_MAX_PIXELS
 from pipeline import drift_io, outputs, registry, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import DriftConfig, LineDrift
 from pipeline.image_sets import canonical_uri
-from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing import Listing
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import ensure_ray
 from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
 from pipeline.score_graph import build_dataset
@@ -90,7 +90,7 @@ class ScoreJobConfig:
     max_bytes: int = 256 * 2**20
     max_error_fraction: float = 0.1  # above this the run is committed but reported as failed
     cache_dir: str = DEFAULT_CACHE_DIR  # local model/weights cache (driver and actors)
-    address: str | None = None  # Ray cluster; None: the running one, or a new local one
+    address: str | None = None  # Ray cluster (pipeline.ray_runtime); None: a private local one
     quiet: bool = False
     storage: StorageOptions | None = None  # None: from the environment
     #: An input that lists no image commits an empty run instead of failing (nightly configs
@@ -375,7 +375,7 @@ class ShardWriter:
 
 def _ensure_ray(address: str | None) -> bool:
     """Connect to Ray unless already connected; True when this call started it."""
-    return init_ray(address)
+    return ensure_ray(address)  # --address: pipeline.ray_runtime
 
 
 def resource_request(config: ScoreJobConfig) -> ResourceRequest:

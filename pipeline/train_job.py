@@ -32,6 +32,7 @@ from dfr_core.artifact import ArtifactError, save_model
 from dfr_core.backbones import FeatureBackbone, WeightsNotFoundError, build_backbone, list_backbones
 from dfr_core.calibrate import Calibration, calibrate
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
+from dfr_core.decode import DecodeError
 from dfr_core.device import pick_device
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRModel
@@ -39,12 +40,11 @@ from dfr_core.train import fit, holdout_splits
 from pipeline import drift_io, evaluation, promotion, registry, storage
 from pipeline.feedback import DEFECT, NORMAL, FeedbackRow, load_feedback
 from pipeline.image_sets import LoadedImages, load_images, resolve_images
-from pipeline.imageio import DecodeError
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
 from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.mvtec_remote import LabelledSample, LabelledSetError
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -486,9 +486,7 @@ def build_tasks(
 
 def _ensure_ray(config: TrainJobConfig) -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
-    # "local" starts a new instance even if RAY_ADDRESS or a `ray start` cluster exists:
-    # without --address the job is self-contained; --address auto joins that cluster.
-    return init_ray(config.address or "local", log_to_driver=True)
+    return ensure_ray(config.address, log_to_driver=True)  # --address: pipeline.ray_runtime
 
 
 def _check_resources(config: TrainJobConfig, local: bool, echo: Echo) -> None:

@@ -105,7 +105,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pipeline import storage
-from pipeline.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
+from pipeline.demo.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
 
 work, root = Path(sys.argv[1]), sys.argv[2]
 lines = ("metal_plate", "woven_fabric", "wood_panel", "ceramic_tile")

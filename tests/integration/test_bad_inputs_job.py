@@ -25,8 +25,8 @@ from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
 from dfr_core.model import build_extractor
 from dfr_core.train import fit
 from pipeline import outputs, registry, storage
+from pipeline.demo.synthetic import render_normal
 from pipeline.score_job import ScoreJobConfig, run_score_job
-from pipeline.synthetic import render_normal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

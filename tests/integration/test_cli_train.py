@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import registry, storage
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
+from pipeline.cli import main
+from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_FAILED
 from pipeline.demo import DemoConfig, run_demo
-from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
+from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 FLAGS = ["--image-size", "64", "--epochs", "2", "--cpus-per-task", "0.5"]

@@ -32,7 +32,7 @@ from cluster import LocalCluster, local_cluster  # tests/integration (rootdir im
 from PIL import Image
 
 from pipeline import outputs, registry, storage
-from pipeline.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
+from pipeline.demo.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 

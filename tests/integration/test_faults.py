@@ -39,9 +39,9 @@ from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
 from dfr_core.model import build_extractor
 from dfr_core.train import fit
 from pipeline import outputs, registry, storage
+from pipeline.demo.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
 from pipeline.score_job import ScoreJobConfig, ScoreSummary, run_score_job
 from pipeline.storage import StorageOptions
-from pipeline.synthetic import SyntheticSpec, render_normal, write_mvtec_dataset
 from pipeline.train_job import ERROR, OK, TrainJobConfig, run_train_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -21,12 +21,12 @@ from PIL import Image
 
 from dfr_core.preprocess import resize_image
 from pipeline import drift_io, evaluation, outputs, promotion, registry
-from pipeline.cli import EXIT_BAD_INPUT, main
+from pipeline.cli import main
+from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_DRIFT
+from pipeline.demo.shifts import brighten, normal_images, rotate
+from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.drift_io import DRIFT_SCHEMA
 from pipeline.report import ReportConfig, write_report
-from pipeline.score_cli import EXIT_DRIFT
-from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
-from pipeline.synthetic_shifts import brighten, normal_images, rotate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 LINE = "metal_plate"
@@ -174,7 +174,7 @@ def _night(world: World, name: str, images: list[np.ndarray]) -> Path:
 
 
 def _nightly(world: World, tmp_path: Path, input_uri: Path, output: Path, date: str):
-    from pipeline.score_cli import nightly
+    from pipeline.cli.score import nightly
 
     config = tmp_path / f"nightly-{date}.yaml"
     config.write_text(textwrap.dedent(f"""\

@@ -30,8 +30,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import storage
+from pipeline.cli.report import report
 from pipeline.report import REPORT_FILE, ReportConfig, ReportError, write_report
-from pipeline.report_cli import report
 
 pytestmark = pytest.mark.integration
 

@@ -29,14 +29,14 @@ from PIL import Image
 from dfr_core.artifact import load_model, save_model
 from dfr_core.calibrate import calibrate, compute_maps
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
+from dfr_core.decode import decode_image
 from dfr_core.model import build_extractor
 from dfr_core.preprocess import resize_image
 from dfr_core.train import fit
 from pipeline import outputs, registry, storage
-from pipeline.imageio import decode_image
-from pipeline.score_cli import nightly, score
+from pipeline.cli.score import nightly, score
+from pipeline.demo.synthetic import render_defect, render_normal
 from pipeline.score_job import RunInterrupted, ScoreJobConfig, run_score_job
-from pipeline.synthetic import render_defect, render_normal
 
 pytestmark = pytest.mark.integration
 

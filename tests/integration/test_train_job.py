@@ -20,12 +20,12 @@ from dfr_core.datasets import load_images as load_local
 from dfr_core.evaluate import evaluate
 from dfr_core.train import EpochStats
 from pipeline import registry, storage, train_job
+from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.image_sets import load_images, resolve_images
 from pipeline.manifest import ManifestError, ManifestRow
 from pipeline.mvtec_remote import load_labelled_set
 from pipeline.progress import ProgressPrinter
 from pipeline.storage import StorageOptions
-from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.train_job import (
     ERROR,
     OK,

@@ -364,3 +364,15 @@ def test_efficientnet_lite0_offline_weights_are_imagenet_trained() -> None:
         torch.testing.assert_close(block2, ref, rtol=1e-4, atol=1e-4)
     assert top5 & CAT_CLASSES, top5
     assert top1 in CAT_CLASSES and p1 > 0.3
+
+
+def test_efficientnet_steps_replay_extract_features() -> None:
+    """The step-by-step loop (stopping early, yielding maps) computes what the package's own
+    extract_features computes for the last map."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    bb = build_backbone("efficientnet_lite0", ["head"], allow_random_init=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        (ours,) = bb(x)
+        theirs = bb.model.extract_features(bb.input_norm(x))
+    assert torch.equal(ours, theirs)

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dfr_core.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from dfr_core.preprocess import resize_image
-from pipeline.imageio import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 
 #: Side the PNG bomb declares: 10^10 pixels, far above any cap, from a file of ~100 bytes.
 BOMB_SIDE = 100_000

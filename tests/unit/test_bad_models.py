@@ -196,7 +196,7 @@ def test_every_torch_load_is_weights_only() -> None:
     """Source check: each torch.load in the libraries passes the literal weights_only=True, and
     nothing unpickles directly (pickle/dill/joblib loads)."""
     calls = _torch_load_calls()
-    assert len(calls) >= 2  # the head (artifact.py) and backbone weights (backbones.py)
+    assert len(calls) >= 2  # the head (artifact.py) and backbone weights (backbones/weights.py)
     for where, call in calls:
         flags = {kw.arg: kw.value for kw in call.keywords}
         value = flags.get("weights_only")

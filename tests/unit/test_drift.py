@@ -125,8 +125,8 @@ def test_shifted_nights_are_flagged_normal_nights_are_not(seed: int) -> None:
     from dfr_core.model import build_extractor
     from dfr_core.preprocess import resize_image
     from dfr_core.train import fit
+    from pipeline.demo.shifts import normal_images, shifted_nights
     from pipeline.drift_io import make_reference, rows_of_images
-    from pipeline.synthetic_shifts import normal_images, shifted_nights
 
     size = 64
     rng = np.random.default_rng(seed)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.nightly import load_config
 from pipeline import outputs
-from pipeline.score_cli import EXIT_EMPTY_INPUT, nightly, score
+from pipeline.cli.options import EXIT_EMPTY_INPUT
+from pipeline.cli.score import nightly, score
+from pipeline.nightly_config import load_config
 
 DATE = "2024-05-01"
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dfr_core.decode import SUPPORTED_FORMATS, DecodeError, decode_image
 from dfr_core.preprocess import resize_image
-from pipeline.imageio import SUPPORTED_FORMATS, DecodeError, decode_image
 
 H, W = 24, 36
 

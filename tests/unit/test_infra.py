@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from jobs.submit import SECRET_NAME, check_env_vars, nightly_job, train_job
+from pipeline.ray_jobs import SECRET_NAME, check_env_vars, nightly_job, train_job
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
@@ -41,6 +41,7 @@ DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 AWS_CLUSTER = REPO / "infra" / "aws" / "cluster.yaml"
 SUBMIT = REPO / "jobs" / "submit.py"
+RAY_JOBS = REPO / "pipeline" / "ray_jobs.py"
 KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
@@ -54,7 +55,7 @@ KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 CREATE_ONLY = {"rayjob-train.yaml", "raycronjob.yaml"}
 #: `python -m MODULE` -> the click command it runs, for parsing entrypoints.
 MODULE_COMMANDS = {
-    "jobs.nightly": ("pipeline.score_cli", "nightly"),
+    "jobs.nightly": ("pipeline.cli.score", "nightly"),
     "jobs.submit": ("jobs.submit", "cli"),
 }
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -358,7 +359,7 @@ def test_job_inputs_are_files_of_a_configmap_mounted_on_the_head():
 
 
 def test_nightly_config_in_the_configmap_loads_and_fits_the_gpu_workers(tmp_path):
-    from jobs.nightly import load_config
+    from pipeline.nightly_config import load_config
 
     path = tmp_path / "nightly.yaml"
     path.write_text(configmap("dfr-config")["data"]["nightly.yaml"])
@@ -449,7 +450,7 @@ def _all_pods() -> list[dict[str, Any]]:
     return pods
 
 
-INFRA_TEXTS = [DOCKERFILE, DOCKERIGNORE, AWS_CLUSTER, SUBMIT, *sorted(K8S.glob("*.yaml"))]
+INFRA_TEXTS = [DOCKERFILE, DOCKERIGNORE, AWS_CLUSTER, SUBMIT, RAY_JOBS, *sorted(K8S.glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", INFRA_TEXTS, ids=[p.name for p in INFRA_TEXTS])

@@ -9,7 +9,7 @@ import torch
 from dfr_core.artifact import ArtifactError, load_model, read_metadata, save_model
 from dfr_core.calibrate import Calibration, calibrate, compute_maps, upper_quantile
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
-from dfr_core.model import DFRModel, build_extractor, gaussian_blur
+from dfr_core.model import build_extractor, gaussian_blur
 from dfr_core.train import fit, holdout_split
 
 SIZE = 64
@@ -88,13 +88,13 @@ def test_artifact_round_trip_gives_identical_maps(trained, tmp_path):
     assert torch.equal(before.score, after.score)
 
 
-def test_from_artifact_rebuilds_the_backbone(tmp_path):
+def test_load_model_rebuilds_the_backbone(tmp_path):
     """Real backbone weights (offline MobileNetV2) rebuilt from the registry by name."""
     config = ModelConfig(backbone="mobilenet_v2", image_size=SIZE)
     extractor = build_extractor(config)
     result = fit(extractor, config, TRAIN, _images(4, 0))
     save_model(result.model, tmp_path)
-    rebuilt = DFRModel.from_artifact(str(tmp_path))
+    rebuilt = load_model(str(tmp_path)).model
     images = _images(2, 5)
     assert torch.equal(
         compute_maps(result.model, images).anomaly_map, compute_maps(rebuilt, images).anomaly_map

@@ -12,8 +12,8 @@ from dfr_core.calibrate import Calibration
 from dfr_core.config import ModelConfig
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 from pipeline import promotion, registry
+from pipeline.cli.models import describe, why_latest
 from pipeline.promotion import Basis, GateResult, compare
-from pipeline.promotion_cli import describe, why_latest
 
 GOOD = {"image_auroc": 0.95, "pixel_auroc": 0.97, "pro": 0.90, "tpr_at_1pct_fpr": 0.6,
         "realised_image_fpr": 0.02, "realised_image_recall": 0.8}  # fmt: skip

@@ -42,3 +42,28 @@ def test_only_the_auto_enabled_notice_is_dropped(monkeypatch):
     assert len(messages) == 1 and "disabled for this Ray cluster" in messages[0]
     ray_runtime.init_ray("local")
     assert logger.filters.count(ray_runtime._NOTICE_FILTER) == 1
+
+
+def test_address_means_the_same_for_every_command(monkeypatch):
+    """Omitted: a private local Ray even when RAY_ADDRESS names a cluster; 'auto' joins it."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs["address"]))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    for address in (None, "auto", "ray://head:10001"):
+        assert ray_runtime.ensure_ray(address)
+    assert calls == ["local", "auto", "ray://head:10001"]
+
+
+def test_train_and_score_share_one_address_option():
+    from pipeline.cli import main
+
+    helps = {
+        name: next(p.help for p in main.commands[name].params if p.name == "address")
+        for name in ("train", "score")
+    }
+    assert helps["train"] == helps["score"] == ray_runtime.ADDRESS_HELP
+    score_flags = {o for p in main.commands["score"].params for o in p.opts}
+    assert "--s3-endpoint-url" in score_flags

@@ -1,4 +1,4 @@
-"""The numbers behind the QA report (pipeline.report_data) against hand-built Parquet.
+"""The numbers behind the QA report (pipeline.report.data) against hand-built Parquet.
 
 Contracts: per-line and per-date counts and rates (errors excluded from the rate denominator, a
 zero-anomaly day has rate 0, an errors-only line has no rate), the top-N choice (ok rows only,
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import report_data as rd
+from pipeline.report import data as rd
 
 SCHEMA = pa.schema(
     [

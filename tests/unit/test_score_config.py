@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 import pytest
 
-from jobs.nightly import NightlyConfigError, load_config, resolve_run_date
-from pipeline.score_cli import parse_actors
+from pipeline.cli.score import parse_actors
+from pipeline.nightly_config import NightlyConfigError, load_config, resolve_run_date
 from pipeline.score_job import ScoreJobConfig
 
 BASE = {"models_uri": "/m", "input_uri": "/i", "output_uri": "/o", "run_date": "2024-05-01"}

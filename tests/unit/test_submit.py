@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from ray.job_submission import JobStatus
 
 from jobs import submit
-from jobs.nightly import NightlyConfigError
-from jobs.submit import check_env_vars, nightly_job, submit_nightly, submit_train, train_job
+from pipeline import ray_jobs
 from pipeline.manifest import ManifestError
+from pipeline.nightly_config import NightlyConfigError
+from pipeline.ray_jobs import check_env_vars, nightly_job, submit_nightly, submit_train, train_job
 
 REPO = Path(__file__).resolve().parents[2]
 NIGHTLY_YAML = REPO / "jobs" / "nightly.yaml"
@@ -57,7 +58,7 @@ def _parse(entrypoint: str) -> Any:
 
         return main.commands[args[1]].make_context(args[1], args[2:])
     assert args[:3] == ["python", "-m", "jobs.nightly"]
-    from pipeline.score_cli import nightly
+    from pipeline.cli.score import nightly
 
     return nightly.make_context("jobs.nightly", args[3:])
 
@@ -214,7 +215,7 @@ def test_wait_reports_each_status_change_until_the_job_ends():
     client = FakeClient(("PENDING", "RUNNING", "RUNNING", "FAILED"))
     seen: list[str] = []
     sleeps: list[float] = []
-    status = submit.wait(client, "j", poll_s=5, echo=seen.append, sleep=sleeps.append)
+    status = ray_jobs.wait(client, "j", poll_s=5, echo=seen.append, sleep=sleeps.append)
     assert status == "FAILED"
     assert seen == ["j: PENDING", "j: RUNNING", "j: FAILED"]
     assert sleeps == [5, 5, 5]
@@ -232,7 +233,7 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(address: str) -> None:
         raise AssertionError("a dry run must not contact the cluster")
 
-    monkeypatch.setattr(submit, "_client", refuse)
+    monkeypatch.setattr(ray_jobs, "job_client", refuse)
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
 
@@ -282,8 +283,8 @@ def test_an_address_is_required_to_submit(no_cluster):
 @pytest.mark.parametrize(("final", "exit_code"), [("SUCCEEDED", 0), ("STOPPED", 1)])
 def test_submit_and_wait_exits_with_the_jobs_outcome(final, exit_code, monkeypatch):
     client = FakeClient(("RUNNING", final))
-    monkeypatch.setattr(submit, "_client", lambda address: client)
-    monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(ray_jobs, "job_client", lambda address: client)
+    monkeypatch.setattr(ray_jobs.time, "sleep", lambda seconds: None)
     args = ["nightly", "--cluster-config", "/etc/dfr/nightly.yaml", "--wait"]
     result = CliRunner().invoke(submit.cli, [*args, "--address", "http://head:8265"])
     assert result.exit_code == exit_code, result.output
@@ -299,11 +300,33 @@ def test_runs_as_python_dash_m():
     assert "--gpus-per-task 0.5" in json.loads(out.stdout)["entrypoint"]
 
 
+def test_train_passes_every_train_flag_through(no_cluster):
+    """Flags jobs.submit does not own reach `dfr-pipeline train` as given (no re-declared copy
+    to drift: --retries and --min-images were missing from it)."""
+    args = ["train", "--products", "s3://c/p.csv", "--models-uri", "s3://m", "--retries", "5"]
+    args += ["--min-images", "8", "--only", "a,b", "--epochs", "3", "--dry-run"]
+    result = CliRunner().invoke(submit.cli, args)
+    assert result.exit_code == 0, result.output
+    params = _parse(json.loads(result.output)["entrypoint"]).params
+    assert (params["retries"], params["min_images"], params["epochs"]) == (5, 8, 3)
+    assert params["only"] == ("a,b",) and params["address"] == "auto"
+
+
+@pytest.mark.parametrize("flag", [["--no-such-flag", "1"], ["--epochs", "zero"]])
+def test_train_flags_are_checked_by_trains_parser_before_submission(flag, no_cluster):
+    args = ["train", "--products", "s3://c/p.csv", "--models-uri", "s3://m", *flag]
+    result = CliRunner().invoke(submit.cli, [*args, "--address", "http://head:8265"])
+    assert result.exit_code == 2
+    assert "error: dfr-pipeline train" in result.output
+    with pytest.raises(ValueError, match="no-such-flag"):
+        train_job("s3://c/p.csv", "s3://m", extra_args=("--no-such-flag", "1"))
+
+
 def test_an_unreachable_cluster_exits_1_with_the_address(monkeypatch):
     def unreachable(address: str) -> None:
         raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
 
-    monkeypatch.setattr(submit, "_client", unreachable)
+    monkeypatch.setattr(ray_jobs, "job_client", unreachable)
     args = ["nightly", "--cluster-config", "/etc/dfr/nightly.yaml", "--address", "http://h:8265"]
     result = CliRunner().invoke(submit.cli, args)
     assert result.exit_code == 1

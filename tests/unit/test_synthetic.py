@@ -1,4 +1,4 @@
-"""Unit tests for the procedural MVTec-style data generator (pipeline.synthetic)."""
+"""Unit tests for the procedural MVTec-style data generator (pipeline.demo.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (
+from pipeline.demo.synthetic import (
     DEFECT_TYPES,
     PRODUCT_LINES,
     SyntheticSpec,

@@ -1,6 +1,6 @@
 """`dfr-pipeline demo`: the whole product on generated data, on any machine, offline.
 
-Generates a small synthetic archive (pipeline.synthetic), writes a manifest for it, trains one
+Generates a small synthetic archive (pipeline.demo.synthetic), writes a manifest for it, trains one
 model per product line with a local Ray exactly as `dfr-pipeline train` does (evaluating each on
 its labelled test set), scores the test images plus one deliberately corrupt file with the Ray
 Data job exactly as `dfr-pipeline score` does, and writes the HTML QA report. Sized to finish in
@@ -20,11 +20,11 @@ from typing import NamedTuple
 
 from dfr_core.backbones import WeightsNotFoundError, default_weights_path, list_backbones
 from dfr_core.config import ModelConfig
+from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.progress import Echo
 from pipeline.report import ReportConfig, write_report
 from pipeline.score_job import ScoreJobConfig, ScoreSummary, run_score_job
 from pipeline.storage import IMAGE_SUFFIXES
-from pipeline.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.train_job import TrainJobConfig, TrainJobResult, run_train_job
 
 DEMO_LINES: tuple[str, ...] = ("metal_plate", "woven_fabric", "wood_panel")

@@ -3,7 +3,8 @@
 A brighter night (a new light: +35 grey levels), a blurred night (a defocused lens: Gaussian
 radius 1.5 px on the 128 px original), a rotated night (parts mounted 90 degrees turned: normal,
 but unlike the training images, so a model flags them until QA feedback teaches it), and a
-defective night, all from pipeline.synthetic and resized as the scoring job's decode stage does.
+defective night, all from pipeline.demo.synthetic and resized as the scoring job's decode stage
+does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from dfr_core.preprocess import resize_image
-from pipeline.synthetic import DEFECT_TYPES, render_defect, render_normal
+from pipeline.demo.synthetic import DEFECT_TYPES, render_defect, render_normal
 
 RAW_SIZE = 128
 

@@ -1,6 +1,6 @@
 """The numbers behind the QA report, as pure pandas functions of committed score rows.
 
-Kept apart from the rendering (pipeline/report.py) so that counts, rates and the top-N choice
+Kept apart from the rendering (pipeline/report/page.py) so that counts, rates and the top-N choice
 can be unit-tested against hand-built Parquet without images, plots or storage. Every function
 takes the row frame the scoring job writes (see pipeline/outputs.py) and returns a new frame;
 none mutates its input.
@@ -134,7 +134,8 @@ def normalise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def filter_rows(rows: pd.DataFrame, flt: RowFilter) -> pd.DataFrame:
-    """The rows inside the filter's dates and lines (input already normalised)."""
+    """The rows inside the filter's dates and lines (input already normalised; any frame with
+    ``run_date`` and ``product_line`` columns, such as the drift rows, will do)."""
     keep = pd.Series(True, index=rows.index)
     if flt.run_date:
         keep &= rows["run_date"] == flt.run_date

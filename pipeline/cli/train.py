@@ -1,23 +1,49 @@
-"""The ``dfr-pipeline`` command line: each command parses flags into a config and calls one
-function; output formatting lives here, the work in the modules it calls."""
+"""``dfr-pipeline train``: flags -> TrainJobConfig -> run_train_job, and the results table."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from dfr_core.backbones import WeightsNotFoundError, list_backbones
-from pipeline.cli_options import model_option_flags, split_names, storage_options
-from pipeline.demo import DemoConfig, run_demo
+from dfr_core.backbones import list_backbones
+from pipeline.cli.options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    address_option,
+    echo_err,
+    s3_endpoint_option,
+    split_names,
+    storage_options,
+)
 from pipeline.manifest import ManifestError
+from pipeline.model_options import OPTIONS, parse_cell
 from pipeline.progress import render_table
-from pipeline.promotion_cli import describe, promote_command, why_latest
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
 
-EXIT_FAILED = 1  # ran, but at least one product line failed
-EXIT_BAD_INPUT = 2  # nothing ran: bad manifest or flags (click uses 2 for usage errors too)
+
+def _parse_model_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_cell(param.name, value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def model_option_flags(func: Callable) -> Callable:
+    """One --flag per model option (pipeline.model_options.OPTIONS), parsed like the manifest's
+    cells; unset flags are None (the preset or dfr_core default applies)."""
+    for option in reversed(OPTIONS):
+        flag = "--" + option.name.replace("_", "-")
+        func = click.option(
+            flag, option.name, default=None, callback=_parse_model_option,
+            help=f"{option.help[0].upper()}{option.help[1:]} (lines without an override).",
+        )(func)  # fmt: skip
+    return func
+
 
 RESULT_HEADERS = (
     "product", "status", "images", "latent d", "img thr", "px thr",
@@ -48,16 +74,7 @@ def format_results(result: TrainJobResult) -> str:
     return "\n".join([text, *errors, *held])
 
 
-def _echo_err(text: str) -> None:
-    click.echo(text, err=True)
-
-
-@click.group()
-def main() -> None:
-    """DFR anomaly segmentation: train per-product-line models on Ray, score image archives."""
-
-
-@main.command()
+@click.command("train")
 @click.option(
     "--products",
     "manifest_uri",
@@ -96,11 +113,7 @@ def main() -> None:
     default=None,
     help="Model input size, a multiple of 32 [default: 256].",
 )
-@click.option(
-    "--address",
-    default=None,
-    help="Ray cluster to join ('auto', host:port, ray://...); omitted: local Ray.",
-)
+@address_option
 @click.option(
     "--gpus-per-task",
     type=click.FloatRange(min=0),
@@ -150,12 +163,7 @@ def main() -> None:
     help="How much worse than LATEST (absolute, per metric) a new version may be and still "
     "become LATEST.",
 )
-@click.option(
-    "--s3-endpoint-url",
-    default=None,
-    metavar="URL",
-    help="S3-compatible endpoint (MinIO, Ceph); default from AWS_ENDPOINT_URL.",
-)
+@s3_endpoint_option
 @model_option_flags
 def train(
     manifest_uri: str,
@@ -198,91 +206,11 @@ def train(
             storage=storage_options(s3_endpoint_url),
             model_options={k: v for k, v in model_options.items() if v is not None},
         )
-        result = run_train_job(config, echo=_echo_err)
+        result = run_train_job(config, echo=echo_err)
     except (ManifestError, ValueError, FileNotFoundError, ConnectionError) as exc:
-        _echo_err(f"error: {exc}")
+        echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     click.echo(format_results(result))
     click.echo(f"models: {models_uri}")
     if any(r["status"] != OK for r in result.results):
         sys.exit(EXIT_FAILED)
-
-
-@main.group()
-def models() -> None:
-    """Inspect the model registry."""
-
-
-MODEL_HEADERS = (
-    "product", "version", "latest", "created", "backbone", "size", "images",
-    "img thr", "px thr", "img AUROC", "px AUROC", "PRO", "decision",
-)  # fmt: skip
-
-
-def _model_row(d: dict[str, Any]) -> tuple:
-    m = d["metrics"]
-    return (
-        d["product_line"], d["version"], d["latest"], d["created_at"], d["backbone"],
-        d["image_size"], d["train_images"], d["image_threshold"], d["pixel_threshold"],
-        m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"), d.get("decision"),
-    )  # fmt: skip
-
-
-@models.command("list")
-@click.option("--models-uri", required=True, metavar="URI", help="Model registry root.")
-@click.option("--s3-endpoint-url", default=None, metavar="URL", help="S3-compatible endpoint.")
-def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
-    """Product lines, versions, dates, thresholds and metrics in a registry."""
-    try:
-        rows = describe(models_uri, storage_options(s3_endpoint_url))
-    except (ValueError, PermissionError) as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(EXIT_BAD_INPUT)
-    if not rows:
-        click.echo(f"no models under {models_uri}")
-        return
-    click.echo(render_table(MODEL_HEADERS, [_model_row(d) for d in rows]))
-    reasons = why_latest(models_uri, rows, storage_options(s3_endpoint_url))
-    if reasons:
-        click.echo("")  # a blank line ends the table (scripts parse it)
-    for line, why in reasons.items():
-        click.echo(f"LATEST {line} {why}")
-
-
-@main.command()
-@click.option(
-    "--workdir",
-    default="dfr-demo",
-    show_default=True,
-    type=click.Path(),
-    help="Where the synthetic data, manifest and models are written.",
-)
-def demo(workdir: str) -> None:
-    """Generate a synthetic archive, train on local Ray, evaluate, and say where it all is."""
-    try:
-        result = run_demo(DemoConfig(workdir=workdir), echo=_echo_err)
-    except WeightsNotFoundError as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(EXIT_BAD_INPUT)
-    click.echo(format_results(result.train))
-    if result.score is not None:
-        click.echo(result.score.format())
-    click.echo(result.describe())
-    if result.train.failed:
-        sys.exit(EXIT_FAILED)
-
-
-def _register_commands(*commands: click.Command) -> None:
-    """Attach commands defined in other modules (e.g. the scoring commands) to the group."""
-    for command in commands:
-        main.add_command(command)
-
-
-# Imported here, after `main` exists: these modules define plain click commands and do not
-# import this one, so there is no cycle.
-from pipeline.evaluate_cli import evaluate  # noqa: E402
-from pipeline.report_cli import report  # noqa: E402
-from pipeline.score_cli import nightly, score  # noqa: E402
-
-_register_commands(score, nightly, report, evaluate)
-models.add_command(promote_command)

@@ -1,7 +1,6 @@
 """``dfr-pipeline report``: flags -> ReportConfig -> write_report, nothing else.
 
-A plain click command; pipeline/cli.py registers it in the ``dfr-pipeline`` group. It does not
-import pipeline.cli (which imports this module), hence its own small option helpers.
+The page itself: pipeline/report/.
 """
 
 from __future__ import annotations
@@ -10,11 +9,15 @@ import sys
 
 import click
 
-from pipeline.cli_options import split_names, storage_options
+from pipeline.cli.options import (
+    EXIT_BAD_INPUT,
+    echo_err,
+    s3_endpoint_option,
+    split_names,
+    storage_options,
+)
 from pipeline.feedback import FeedbackError
 from pipeline.report import ReportConfig, ReportError, write_report
-
-EXIT_BAD_INPUT = 2
 
 
 @click.command("report")
@@ -66,11 +69,7 @@ EXIT_BAD_INPUT = 2
     metavar="URI",
     help="QA feedback table (CSV/Parquet): lists the reviewed images with their verdicts.",
 )
-@click.option(
-    "--s3-endpoint-url",
-    metavar="URL",
-    help="S3-compatible endpoint (MinIO, Ceph); default from DFR_S3_ENDPOINT_URL/AWS_*.",
-)
+@s3_endpoint_option
 def report(
     scores_uri: str,
     run_date: str | None,
@@ -104,6 +103,6 @@ def report(
     try:
         path = write_report(config)
     except (ReportError, FeedbackError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     click.echo(str(path))

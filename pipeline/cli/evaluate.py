@@ -17,12 +17,11 @@ from dfr_core.artifact import ArtifactError, model_config_of
 from dfr_core.backbones import WeightsNotFoundError
 from dfr_core.device import pick_device
 from pipeline import evaluation
-from pipeline.cli_options import storage_options
+from pipeline.cli.options import EXIT_BAD_INPUT, echo_err, s3_endpoint_option, storage_options
 from pipeline.mvtec_remote import LabelledSetError
 from pipeline.progress import render_table
 from pipeline.score_job import DEFAULT_CACHE_DIR
 
-EXIT_BAD_INPUT = 2
 SHOWN = (
     ("image AUROC", "image_auroc"),
     ("pixel AUROC", "pixel_auroc"),
@@ -51,7 +50,7 @@ SHOWN = (
 @click.option("--version", default=None, help="Model version [default: LATEST].")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True)
-@click.option("--s3-endpoint-url", default=None, metavar="URL", help="S3-compatible endpoint.")
+@s3_endpoint_option
 def evaluate(
     models_uri: str, product_line: str, data_uri: str, version: str | None, as_json: bool,
     cache_dir: str, s3_endpoint_url: str | None,
@@ -68,10 +67,10 @@ def evaluate(
             loaded.model, loaded.calibration, lset, pick_device(), curves=False
         )
     except (LabelledSetError, ArtifactError, WeightsNotFoundError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     except FileNotFoundError as exc:
-        click.echo(f"error: not found: {exc}", err=True)
+        echo_err(f"error: not found: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     uri = evaluation.write_evaluation(models_uri, product_line, version, data_uri, metrics, options)
     if as_json:

@@ -1,8 +1,5 @@
-"""``dfr-pipeline models promote`` and the promotion columns of ``models list``.
-
-A plain click command that pipeline/cli.py attaches to its ``models`` group (this module does
-not import pipeline.cli, so there is no cycle).
-"""
+"""``dfr-pipeline models list`` and ``models promote``: the registry, its versions and why each
+product line's LATEST holds (the promotion gate's records)."""
 
 from __future__ import annotations
 
@@ -12,10 +9,9 @@ from typing import Any
 import click
 
 from pipeline import promotion, registry
-from pipeline.cli_options import storage_options
+from pipeline.cli.options import EXIT_BAD_INPUT, echo_err, s3_endpoint_option, storage_options
+from pipeline.progress import render_table
 from pipeline.storage import StorageOptions
-
-EXIT_BAD_INPUT = 2
 
 
 def describe(models_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
@@ -55,12 +51,53 @@ def why_latest(
     return out
 
 
-@click.command("promote")
+@click.group("models")
+def models() -> None:
+    """Inspect the model registry."""
+
+
+MODEL_HEADERS = (
+    "product", "version", "latest", "created", "backbone", "size", "images",
+    "img thr", "px thr", "img AUROC", "px AUROC", "PRO", "decision",
+)  # fmt: skip
+
+
+def _model_row(d: dict[str, Any]) -> tuple:
+    m = d["metrics"]
+    return (
+        d["product_line"], d["version"], d["latest"], d["created_at"], d["backbone"],
+        d["image_size"], d["train_images"], d["image_threshold"], d["pixel_threshold"],
+        m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"), d.get("decision"),
+    )  # fmt: skip
+
+
+@models.command("list")
+@click.option("--models-uri", required=True, metavar="URI", help="Model registry root.")
+@s3_endpoint_option
+def list_models(models_uri: str, s3_endpoint_url: str | None) -> None:
+    """Product lines, versions, dates, thresholds and metrics in a registry."""
+    try:
+        rows = describe(models_uri, storage_options(s3_endpoint_url))
+    except (ValueError, PermissionError) as exc:
+        echo_err(f"error: {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    if not rows:
+        click.echo(f"no models under {models_uri}")
+        return
+    click.echo(render_table(MODEL_HEADERS, [_model_row(d) for d in rows]))
+    reasons = why_latest(models_uri, rows, storage_options(s3_endpoint_url))
+    if reasons:
+        click.echo("")  # a blank line ends the table (scripts parse it)
+    for line, why in reasons.items():
+        click.echo(f"LATEST {line} {why}")
+
+
+@models.command("promote")
 @click.argument("product_line")
 @click.argument("version")
 @click.option("--models-uri", required=True, metavar="URI", help="Model registry root.")
 @click.option("--reason", default=None, help="Why (stored in the decision record).")
-@click.option("--s3-endpoint-url", default=None, metavar="URL", help="S3-compatible endpoint.")
+@s3_endpoint_option
 def promote_command(
     product_line: str, version: str, models_uri: str, reason: str | None,
     s3_endpoint_url: str | None,
@@ -71,6 +108,6 @@ def promote_command(
             models_uri, product_line, version, reason, storage_options(s3_endpoint_url)
         )
     except (ValueError, FileNotFoundError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        echo_err(f"error: {exc}")
         sys.exit(EXIT_BAD_INPUT)
     click.echo(f"{product_line}: LATEST is now {version} ({result.reason})")

@@ -16,7 +16,18 @@ import sys
 
 import click
 
+from pipeline.cli.options import (
+    EXIT_DRIFT,
+    EXIT_EMPTY_INPUT,
+    EXIT_FAILED,
+    EXIT_LEASE_HELD,
+    EXIT_TOO_MANY_ERRORS,
+    address_option,
+    s3_endpoint_option,
+    storage_options,
+)
 from pipeline.listing import ListingError
+from pipeline.nightly_config import NightlyConfigError, load_config
 from pipeline.outputs import MASK_MODES
 from pipeline.run_lease import LeaseHeld, LeaseLost
 from pipeline.score_job import (
@@ -27,12 +38,6 @@ from pipeline.score_job import (
     ShardCountError,
     run_score_job,
 )
-
-EXIT_FAILED = 1
-EXIT_TOO_MANY_ERRORS = 3
-EXIT_EMPTY_INPUT = 4
-EXIT_LEASE_HELD = 5
-EXIT_DRIFT = 6
 
 
 def parse_actors(value: str) -> tuple[int, int]:
@@ -142,7 +147,8 @@ def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
     help="Significance level of the drift tests (see docs/operating.md).",
 )
 @click.option("--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True)
-@click.option("--address", default=None, help="Ray cluster address; default: start locally.")
+@address_option
+@s3_endpoint_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def score(
     models_uri: str,
@@ -165,6 +171,7 @@ def score(
     drift_level: float,
     cache_dir: str,
     address: str | None,
+    s3_endpoint_url: str | None,
     quiet: bool,
 ) -> None:
     """Score images with each product line's LATEST model; write Parquet scores and PNG masks."""
@@ -192,6 +199,7 @@ def score(
             drift_level=drift_level,
             cache_dir=cache_dir,
             address=address,
+            storage=storage_options(s3_endpoint_url),
             quiet=quiet,
         )
     except ValueError as exc:
@@ -211,8 +219,6 @@ def score(
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
     """The scheduled run: fix the date, pin LATEST models, score, commit the run record."""
-    from jobs.nightly import NightlyConfigError, load_config
-
     try:
         config = load_config(config_path, run_date=run_date, quiet=quiet)
     except (NightlyConfigError, ValueError) as exc:
