@@ -14,21 +14,24 @@ shows. After the commit, drift files of superseded runs of the same date and lin
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from dfr_core.artifact import ArtifactError, read_metadata
-from dfr_core.calibrate import Calibration, compute_maps
-from dfr_core.model import DFRModel
+from dfr_core.artifact_meta import ArtifactError, read_metadata
 from pipeline import outputs, registry, storage
 from pipeline.drift import SCORE_COLUMN, DriftConfig, DriftReference, LineDrift, compute_drift
 from pipeline.input_stats import STAT_NAMES, batch_stats
 from pipeline.storage import StorageOptions
+
+if TYPE_CHECKING:  # the training-side helpers need torch; the scoring driver imports none
+    import torch
+
+    from dfr_core.calibrate import Calibration
+    from dfr_core.model import DFRModel
 
 KIND = "drift"
 #: Most values per reference list kept in model.json (a random, seeded subset beyond it).
@@ -79,6 +82,8 @@ def make_reference(
 ) -> DriftReference:
     """Scores of the calibration images (the same forward pass as calibration) and input
     statistics of every normal image the line was trained and calibrated on."""
+    from dfr_core.calibrate import compute_maps
+
     scores = compute_maps(model, calibration_images, device).score.numpy().tolist()
     normals = (
         np.concatenate([train_images, calibration_images])
@@ -102,6 +107,8 @@ def rows_of_images(
 ) -> dict[str, list[Any]]:
     """The columns compute_drift reads, for images scored in process (benchmarks, tests and
     offline checks): the same forward pass and statistics as the scoring job."""
+    from dfr_core.calibrate import compute_maps
+
     scores = compute_maps(model, images, device).score.numpy().tolist()
     inputs = batch_stats(images)
     return {

@@ -24,15 +24,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
+from dfr_core.artifact_meta import ArtifactError, read_metadata
 from pipeline import drift_io, outputs, registry, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import DriftConfig, LineDrift
-from pipeline.image_sets import canonical_uri
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing import Listing
@@ -41,7 +39,7 @@ from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
 from pipeline.score_graph import build_dataset
 from pipeline.score_resume import score_pending, tidy_committed
-from pipeline.score_stages import ScoringConfig
+from pipeline.scoring_config import ScoringConfig
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -50,6 +48,13 @@ DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
 #: Input block size in batches: small enough to spread decoding, large enough to keep the
 #: number of objects the driver puts into the object store modest.
 BLOCK_BATCHES = 4
+#: Largest input block of a big run (rows): fewer, larger blocks cost less Ray overhead per row,
+#: and a block of a thousand images still spreads over many decode tasks in a long run.
+MAX_BLOCK_ROWS = 1024
+#: Listing rows per Ray Data execution ("wave"). The driver puts a wave's listing blocks into
+#: the object store, where they stay mapped into the driver until the wave ends; waves bound
+#: that share of the driver's memory (~130 bytes per row) whatever the size of the listing.
+WAVE_ROWS = 1_000_000
 
 
 class RunInterrupted(RuntimeError):
@@ -217,11 +222,17 @@ class ScoreSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) -> LineModel:
+def resolve_model(
+    config: ScoreJobConfig, line: str, options: StorageOptions, check_head: bool = True
+) -> LineModel:
     """Pin ``line``'s LATEST version and check it can score, once, before any Ray work.
 
-    Checking here (metadata, calibration, head checksum, weights) turns a broken model into
-    ``model_error`` rows for its line instead of a failure inside every actor.
+    Checking here (registry, checksums of every file, metadata, calibration, weights) turns a
+    broken model into ``model_error`` rows for its line instead of a failure inside every
+    actor. ``check_head`` also loads the head (and validates the calibration), which needs
+    torch: the scoring job passes False so that its driver never imports torch (~1 GB of RSS);
+    the actors then load the head the same way (dfr_core.artifact.load_head, weights_only) and
+    turn a head that fails to load into ``model_error`` rows of its line.
     """
     try:
         version = registry.latest_version(config.models_uri, line, options)
@@ -234,8 +245,12 @@ def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) ->
     try:
         directory = registry.fetch(config.models_uri, line, version, config.cache_dir, options)
         meta = read_metadata(directory)
-        load_head(directory, meta)
-        if calibration_of(meta) is None:
+        if check_head:
+            from dfr_core.artifact import calibration_of, load_head
+
+            load_head(directory, meta)
+            calibration_of(meta)
+        if not meta.get("calibration"):
             raise ArtifactError("the model has no calibration (no thresholds)")
         if meta["backbone"].get("weights_sha256") is None:
             raise ArtifactError(
@@ -287,23 +302,45 @@ def run_identity(
     return run_id, hashlib.sha256(f"{run_id}\0{digest}".encode()).hexdigest()[:16]
 
 
-def shard_slices(table: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
-    """{(line, shard): (offset, length)}: shards are contiguous in the sorted listing."""
-    n = table.num_rows
-    if n == 0:
-        return {}
-    encoded = pc.dictionary_encode(table.column("product_line")).combine_chunks()
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    shards = table.column("shard").to_numpy()
-    starts = np.flatnonzero(
-        np.concatenate([[True], (codes[1:] != codes[:-1]) | (shards[1:] != shards[:-1])])
-    )
-    lengths = np.diff(np.append(starts, n))
-    names = encoded.dictionary.to_pylist()
-    return {
-        (names[codes[i]], int(shards[i])): (int(i), int(length))
-        for i, length in zip(starts, lengths, strict=True)
-    }
+def waves(
+    pending: dict[tuple[str, int], tuple[int, int]], wave_rows: int = WAVE_ROWS
+) -> list[dict[tuple[str, int], tuple[int, int]]]:
+    """Pending shards (in listing order) grouped into waves of at most ``wave_rows`` rows
+    (a shard larger than that is a wave of its own)."""
+    out: list[dict[tuple[str, int], tuple[int, int]]] = []
+    rows = 0
+    for key, (offset, length) in sorted(pending.items(), key=lambda kv: kv[1][0]):
+        if not out or rows + length > wave_rows:
+            out.append({})
+            rows = 0
+        out[-1][key] = (offset, length)
+        rows += length
+    return out
+
+
+def wave_blocks(
+    listing: Listing,
+    wave: dict[tuple[str, int], tuple[int, int]],
+    models: dict[str, LineModel],
+    step: int,
+) -> list[pa.Table]:
+    """The wave's listing rows as Ray Data input blocks of at most ``step`` rows.
+
+    Contiguous shards are read as one range; rows carry their shard id, so blocks need not
+    align with shards. Lines without a usable model get their error rows here, per block.
+    """
+    ranges: list[list[int]] = []
+    for offset, length in sorted(wave.values()):
+        if ranges and ranges[-1][1] == offset:
+            ranges[-1][1] += length
+        else:
+            ranges.append([offset, offset + length])
+    blocks = []
+    for start, stop in ranges:
+        for piece in listing.rows(start, stop):
+            for i in range(0, piece.num_rows, step):
+                blocks.append(apply_model_errors(piece.slice(i, step), models))
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,14 +429,15 @@ def resource_request(config: ScoreJobConfig) -> ResourceRequest:
 
 def _execute(
     config: ScoreJobConfig,
-    table: pa.Table,
+    listing: Listing,
     pending: dict[tuple[str, int], tuple[int, int]],
     models: dict[str, LineModel],
     run_id: str,
     run_key: str,
     options: StorageOptions,
 ) -> dict[tuple[str, int], dict[str, Any]]:
-    """Score the pending shards through Ray Data; returns the markers of the shards committed."""
+    """Score the pending shards through Ray Data, a wave at a time; returns the markers of the
+    shards committed."""
     import ray
     from ray.data import DataContext
 
@@ -412,14 +450,6 @@ def _execute(
             # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
             # about exactly that is noise the user cannot act on.
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        # Blocks of a few batches (not whole shards), so a small run still spreads its decoding
-        # over several tasks; rows carry their shard id, so blocks need not align with shards.
-        step = BLOCK_BATCHES * config.batch_size
-        blocks = [
-            table.slice(start, min(step, offset + length - start))
-            for offset, length in pending.values()
-            for start in range(offset, offset + length, step)
-        ]
         usable = {line: m for line, m in models.items() if m.error_reason is None}
         read = ReadConfig(options, config.read_threads, config.max_bytes)
         decode = DecodeConfig({line: m.image_size for line, m in usable.items()}, config.max_pixels)
@@ -440,10 +470,18 @@ def _execute(
         scoring = replace(scoring, torch_threads=plan.torch_threads)
         if not config.quiet:
             print(f"resources: {plan.describe()}", file=sys.stderr)
-        ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
         writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(batch)
+        for wave in waves(pending):
+            # Blocks of a few batches (not whole shards), so a small run still spreads its
+            # decoding over several tasks; a big one gets larger blocks (less overhead per row).
+            rows = sum(n for _, n in wave.values())
+            step = max(BLOCK_BATCHES * config.batch_size, min(MAX_BLOCK_ROWS, rows // 64))
+            blocks = wave_blocks(listing, wave, models, step)
+            ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
+            del blocks  # the dataset holds them (in the object store) until the wave ends
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                writer.add(batch)
+            del ds
         writer.check_complete()
         return writer.markers
     finally:
@@ -460,9 +498,9 @@ def _canonical(config: ScoreJobConfig, options: StorageOptions) -> ScoreJobConfi
     """Absolute URIs, so Ray workers with another working directory agree with the driver."""
     return replace(
         config,
-        models_uri=canonical_uri(config.models_uri, options),
-        input_uri=canonical_uri(config.input_uri, options),
-        output_uri=canonical_uri(config.output_uri, options),
+        models_uri=storage.canonical_uri(config.models_uri, options),
+        input_uri=storage.canonical_uri(config.input_uri, options),
+        output_uri=storage.canonical_uri(config.output_uri, options),
         cache_dir=os.path.abspath(os.path.expanduser(config.cache_dir)),
         storage=options,
     )
@@ -494,7 +532,7 @@ def _record(
             "uri": config.input_uri,
             "source": listing.source,
             "fingerprint": listing.fingerprint,
-            "rows": listing.table.num_rows,
+            "rows": listing.num_rows,
         },
         "models_uri": config.models_uri,
         "models": {line: m.version for line, m in sorted(models.items())},
@@ -521,9 +559,25 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     listing = listing_mod.load_listing(
         config.input_uri, config.products, config.shard_size, options
     )
+    try:
+        return _run(config, listing, options, t0, started_at)
+    finally:
+        listing.close()  # its spill files, if the listing was large
+
+
+def _run(
+    config: ScoreJobConfig,
+    listing: Listing,
+    options: StorageOptions,
+    t0: float,
+    started_at: dt.datetime,
+) -> ScoreSummary:
+    """The job once the listing is resolved (run_score_job closes the listing after it)."""
     t_listing = time.perf_counter()
-    models = {line: resolve_model(config, line, options) for line in listing.product_lines}
-    table = apply_model_errors(listing.table, models)
+    models = {
+        line: resolve_model(config, line, options, check_head=False)
+        for line in listing.product_lines
+    }
     run_id, run_key = run_identity(config, listing, models)
     t_models = time.perf_counter()
     output, date = config.output_uri, config.run_date
@@ -555,7 +609,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             drift=drift,
         )
 
-    if table.num_rows == 0 and not config.allow_empty:
+    if listing.num_rows == 0 and not config.allow_empty:
         only = f" for product lines {', '.join(config.products)}" if config.products else ""
         raise EmptyInput(
             f"input {config.input_uri} lists no images{only}; nothing to score (pass "
@@ -589,10 +643,10 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             return done_meanwhile
         # Temp files of killed writers of this date (we hold the lease: nobody else writes).
         outputs.clear_staging(output, date, options)
-        slices = shard_slices(table)
+        slices = listing.shards
 
         def execute(pending: dict[tuple[str, int], tuple[int, int]]) -> dict:
-            return _execute(config, table, pending, models, run_id, run_key, options)
+            return _execute(config, listing, pending, models, run_id, run_key, options)
 
         done, new = score_pending(output, date, slices, run_key, options, execute)
         t_scoring = time.perf_counter()
@@ -600,8 +654,8 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         counts = outputs.add_counts({}, {})
         for marker in markers.values():
             counts = outputs.add_counts(counts, marker["counts"])
-        if counts["rows"] != table.num_rows:
-            raise ShardCountError(f"committed {counts['rows']} rows for {table.num_rows} inputs")
+        if counts["rows"] != listing.num_rows:
+            raise ShardCountError(f"committed {counts['rows']} rows for {listing.num_rows} inputs")
         timings = {
             "listing_s": round(t_listing - t0, 3),
             "models_s": round(t_models - t_listing, 3),
@@ -625,5 +679,5 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
     return summary(
-        counts, table.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
+        counts, listing.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
     )
