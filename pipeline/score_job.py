@@ -2,13 +2,9 @@
 
 The driver does what must happen exactly once: resolve the listing into fixed shards, pin each
 product line's LATEST model version, skip shards an earlier attempt of the same run committed,
-and write each finished shard and, last, the run record. Ray Data does the per-image work,
-streaming, so memory is bounded by the blocks in flight, not by the number of images.
-
-Why the driver writes the Parquet files (from ``iter_batches``) instead of ``write_parquet``:
-a shard's file name must be deterministic and its commit marker must follow the complete file,
-which is what makes reruns idempotent and interrupted runs resumable (see pipeline.outputs).
-Score rows are small (images and masks never reach the driver), so this is not a bottleneck.
+and write each finished shard and, last, the run record. Ray Data does the per-image work
+(pipeline.score_execute), streaming, so memory is bounded by the blocks in flight, not by the
+number of images. The configuration and typed results live in pipeline.score_types.
 """
 
 from __future__ import annotations
@@ -16,142 +12,35 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from dfr_core.artifact_meta import ArtifactError, read_metadata
-from pipeline import drift_io, outputs, registry, storage
+from pipeline import drift_io, outputs, registry, score_execute, storage
 from pipeline import listing as listing_mod
-from pipeline.drift import DriftConfig, LineDrift
-from pipeline.imageio import DEFAULT_MAX_PIXELS
-from pipeline.io_stages import DecodeConfig, ReadConfig
+from pipeline.drift import LineDrift
 from pipeline.listing import Listing
-from pipeline.ray_runtime import init_ray
-from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
-from pipeline.score_graph import build_dataset
+from pipeline.score_execute import (  # noqa: F401 - re-exported: callers use them from here
+    MAX_BLOCK_ROWS,
+    WAVE_ROWS,
+    apply_model_errors,
+    resource_request,
+    wave_blocks,
+    waves,
+)
 from pipeline.score_resume import score_pending, tidy_committed
-from pipeline.scoring_config import ScoringConfig
+from pipeline.score_types import (  # noqa: F401 - re-exported: callers use them from here
+    DEFAULT_CACHE_DIR,
+    EmptyInput,
+    LineModel,
+    RunInterrupted,
+    ScoreJobConfig,
+    ShardCountError,
+)
 from pipeline.storage import StorageOptions
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
-#: Input block size in batches: small enough to spread decoding, large enough to keep the
-#: number of objects the driver puts into the object store modest.
-BLOCK_BATCHES = 4
-#: Largest input block of a big run (rows): fewer, larger blocks cost less Ray overhead per row,
-#: and a block of a thousand images still spreads over many decode tasks in a long run.
-MAX_BLOCK_ROWS = 1024
-#: Listing rows per Ray Data execution ("wave"). The driver puts a wave's listing blocks into
-#: the object store, where they stay mapped into the driver until the wave ends; waves bound
-#: that share of the driver's memory (~130 bytes per row) whatever the size of the listing.
-WAVE_ROWS = 1_000_000
-
-
-class RunInterrupted(RuntimeError):
-    """Raised when ``stop_after_shards`` stops a run on purpose (tests, controlled drains)."""
-
-
-class ShardCountError(RuntimeError):
-    """Ray Data returned a different number of rows for a shard than the listing holds."""
-
-
-class EmptyInput(RuntimeError):
-    """The input lists no image (and ``allow_empty`` is off): an upstream export likely broke."""
-
-
-@dataclass(frozen=True)
-class ScoreJobConfig:
-    """Everything one scoring run needs; the CLI and the nightly job build one of these."""
-
-    models_uri: str
-    input_uri: str
-    output_uri: str
-    run_date: str  # YYYY-MM-DD: the partition the run writes
-    run_id: str | None = None  # None: derived from the date and the run's content
-    products: tuple[str, ...] = ()  # empty: every product line in the input
-    batch_size: int = 32
-    # Resources: None sizes the figure from the cluster (pipeline.resources.plan_resources).
-    min_actors: int | None = None
-    max_actors: int | None = None
-    cpus_per_actor: float | None = None
-    gpus_per_actor: float | None = None
-    decode_cpus: float | None = None  # per read/decode task
-    read_threads: int = 16  # concurrent object reads per read task (S3 is latency bound)
-    torch_threads: int | None = None  # intra-op threads per actor
-    masks: str = "anomalous"  # which ok rows get a mask: anomalous | all | none
-    heatmaps: bool = False  # also write a colour heatmap beside each mask
-    shard_size: int = 1000  # rows per committed output file
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = 256 * 2**20
-    max_error_fraction: float = 0.1  # above this the run is committed but reported as failed
-    cache_dir: str = DEFAULT_CACHE_DIR  # local model/weights cache (driver and actors)
-    address: str | None = None  # Ray cluster; None: the running one, or a new local one
-    quiet: bool = False
-    storage: StorageOptions | None = None  # None: from the environment
-    #: An input that lists no image commits an empty run instead of failing (nightly configs
-    #: of lines that may have no images some days).
-    allow_empty: bool = False
-    #: Test/ops knob: stop (RunInterrupted) after committing this many shards.
-    stop_after_shards: int | None = None
-    drift_level: float = 0.001  # significance level of the drift tests (pipeline.drift)
-    drift_min_images: int = 20  # fewer ok rows in a line: never drifted
-
-    @property
-    def drift(self) -> DriftConfig:
-        return DriftConfig(level=self.drift_level, min_images=self.drift_min_images)
-
-    def __post_init__(self) -> None:
-        outputs.check_run_date(self.run_date)
-        if self.run_id is not None:
-            storage.safe_component(self.run_id, "run id")
-        object.__setattr__(self, "products", tuple(self.products))
-        for line in self.products:
-            storage.safe_component(line, "product line")
-        if self.masks not in outputs.MASK_MODES:
-            raise ValueError(f"masks must be one of {outputs.MASK_MODES}, got {self.masks!r}")
-        for name in ("batch_size", "read_threads", "shard_size", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_actors", "max_actors", "torch_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (
-            self.min_actors is not None
-            and self.max_actors is not None
-            and self.max_actors < self.min_actors
-        ):
-            raise ValueError(f"max_actors {self.max_actors} < min_actors {self.min_actors}")
-        for name in ("cpus_per_actor", "gpus_per_actor"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.decode_cpus is not None and self.decode_cpus <= 0:
-            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.stop_after_shards is not None and self.stop_after_shards < 1:
-            raise ValueError("stop_after_shards must be >= 1")
-        self.drift  # noqa: B018  (validates the drift settings)
-
-
-@dataclass(frozen=True)
-class LineModel:
-    """A product line's pinned model, or why its images cannot be scored."""
-
-    product_line: str
-    version: str | None
-    image_size: int | None
-    error_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,25 +153,6 @@ def resolve_model(
     return LineModel(line, version, image_size)
 
 
-def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Table:
-    """Rows of lines without a usable model become error rows (their bytes are never read).
-
-    Vectorised per broken line (a handful), so it costs no Python object per row.
-    """
-    status, reasons, errors = (table.column(n) for n in ("status", "error_reason", "error"))
-    for line, model in sorted(models.items()):
-        if model.error_reason is None:
-            continue
-        hit = pc.and_(pc.equal(table.column("product_line"), line), pc.equal(status, "ok"))
-        status = pc.if_else(hit, pa.scalar("error"), status)
-        reasons = pc.if_else(hit, pa.scalar(model.error_reason), reasons)
-        errors = pc.if_else(hit, pa.scalar(f"{model.error_reason}: {model.error}"), errors)
-    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
-        index = table.schema.get_field_index(name)
-        table = table.set_column(index, table.schema.field(name), values)
-    return table
-
-
 def run_identity(
     config: ScoreJobConfig, listing: Listing, models: dict[str, LineModel]
 ) -> tuple[str, str]:
@@ -300,193 +170,6 @@ def run_identity(
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     run_id = config.run_id or f"{config.run_date}-{digest[:12]}"
     return run_id, hashlib.sha256(f"{run_id}\0{digest}".encode()).hexdigest()[:16]
-
-
-def waves(
-    pending: dict[tuple[str, int], tuple[int, int]], wave_rows: int = WAVE_ROWS
-) -> list[dict[tuple[str, int], tuple[int, int]]]:
-    """Pending shards (in listing order) grouped into waves of at most ``wave_rows`` rows
-    (a shard larger than that is a wave of its own)."""
-    out: list[dict[tuple[str, int], tuple[int, int]]] = []
-    rows = 0
-    for key, (offset, length) in sorted(pending.items(), key=lambda kv: kv[1][0]):
-        if not out or rows + length > wave_rows:
-            out.append({})
-            rows = 0
-        out[-1][key] = (offset, length)
-        rows += length
-    return out
-
-
-def wave_blocks(
-    listing: Listing,
-    wave: dict[tuple[str, int], tuple[int, int]],
-    models: dict[str, LineModel],
-    step: int,
-) -> list[pa.Table]:
-    """The wave's listing rows as Ray Data input blocks of at most ``step`` rows.
-
-    Contiguous shards are read as one range; rows carry their shard id, so blocks need not
-    align with shards. Lines without a usable model get their error rows here, per block.
-    """
-    ranges: list[list[int]] = []
-    for offset, length in sorted(wave.values()):
-        if ranges and ranges[-1][1] == offset:
-            ranges[-1][1] += length
-        else:
-            ranges.append([offset, offset + length])
-    blocks = []
-    for start, stop in ranges:
-        for piece in listing.rows(start, stop):
-            for i in range(0, piece.num_rows, step):
-                blocks.append(apply_model_errors(piece.slice(i, step), models))
-    return blocks
-
-
-# --------------------------------------------------------------------------------------------
-# Execution (Ray Data)
-# --------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Collects scored rows per shard (Ray returns them in any order) and commits each shard as
-    soon as all its rows have arrived; only shards in flight are buffered."""
-
-    def __init__(
-        self,
-        config: ScoreJobConfig,
-        run_key: str,
-        expected: dict[tuple[str, int], int],
-        options: StorageOptions,
-    ) -> None:
-        self.config = config
-        self.run_key = run_key
-        self.expected = expected
-        self.options = options
-        self.buffers: dict[tuple[str, int], list[pa.Table]] = {}
-        self.received: dict[tuple[str, int], int] = {}
-        self.markers: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def add(self, batch: pa.Table) -> None:
-        keys = list(
-            zip(
-                batch.column("product_line").to_pylist(),
-                batch.column("shard").to_pylist(),
-                strict=True,
-            )
-        )
-        positions: dict[tuple[str, int], list[int]] = {}
-        for i, key in enumerate(keys):
-            positions.setdefault(key, []).append(i)
-        for key, rows in positions.items():
-            if key not in self.expected or key in self.markers:
-                raise ShardCountError(f"unexpected rows for shard {key}")
-            self.buffers.setdefault(key, []).append(batch.take(rows))
-            self.received[key] = self.received.get(key, 0) + len(rows)
-            if self.received[key] > self.expected[key]:
-                raise ShardCountError(f"shard {key}: more rows than the listing holds")
-            if self.received[key] == self.expected[key]:
-                self._commit(key)
-
-    def _commit(self, key: tuple[str, int]) -> None:
-        table = pa.concat_tables(self.buffers.pop(key))
-        line, shard = key
-        self.markers[key] = outputs.write_shard(
-            self.config.output_uri,
-            self.config.run_date,
-            self.run_key,
-            line,
-            shard,
-            table,
-            self.options,
-        )
-        limit = self.config.stop_after_shards
-        if limit is not None and len(self.markers) >= limit:
-            raise RunInterrupted(f"stopped after {len(self.markers)} committed shards")
-
-    def check_complete(self) -> None:
-        missing = {k: self.received.get(k, 0) for k in self.expected if k not in self.markers}
-        if missing:
-            raise ShardCountError(f"rows missing from shards (key: rows received): {missing}")
-
-
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; True when this call started it."""
-    return init_ray(address)
-
-
-def resource_request(config: ScoreJobConfig) -> ResourceRequest:
-    """The figures the user gave (None: sized from the cluster)."""
-    return ResourceRequest(
-        min_actors=config.min_actors,
-        max_actors=config.max_actors,
-        cpus_per_actor=config.cpus_per_actor,
-        gpus_per_actor=config.gpus_per_actor,
-        decode_cpus=config.decode_cpus,
-        torch_threads=config.torch_threads,
-    )
-
-
-def _execute(
-    config: ScoreJobConfig,
-    listing: Listing,
-    pending: dict[tuple[str, int], tuple[int, int]],
-    models: dict[str, LineModel],
-    run_id: str,
-    run_key: str,
-    options: StorageOptions,
-) -> dict[tuple[str, int], dict[str, Any]]:
-    """Score the pending shards through Ray Data, a wave at a time; returns the markers of the
-    shards committed."""
-    import ray
-    from ray.data import DataContext
-
-    started = _ensure_ray(config.address)
-    try:
-        context = DataContext.get_current()
-        context.enable_progress_bars = not config.quiet
-        if config.quiet:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
-            # about exactly that is noise the user cannot act on.
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        usable = {line: m for line, m in models.items() if m.error_reason is None}
-        read = ReadConfig(options, config.read_threads, config.max_bytes)
-        decode = DecodeConfig({line: m.image_size for line, m in usable.items()}, config.max_pixels)
-        scoring = ScoringConfig(
-            models_uri=config.models_uri,
-            models={line: m.version for line, m in usable.items()},
-            cache_dir=config.cache_dir,
-            options=options,
-            output_uri=config.output_uri,
-            run_date=config.run_date,
-            run_id=run_id,
-            masks=config.masks,
-            heatmaps=config.heatmaps,
-            torch_threads=config.torch_threads,
-            write_threads=8,
-        )
-        plan = plan_resources(resource_request(config), ClusterShape.from_ray(), config.max_pixels)
-        scoring = replace(scoring, torch_threads=plan.torch_threads)
-        if not config.quiet:
-            print(f"resources: {plan.describe()}", file=sys.stderr)
-        writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
-        for wave in waves(pending):
-            # Blocks of a few batches (not whole shards), so a small run still spreads its
-            # decoding over several tasks; a big one gets larger blocks (less overhead per row).
-            rows = sum(n for _, n in wave.values())
-            step = max(BLOCK_BATCHES * config.batch_size, min(MAX_BLOCK_ROWS, rows // 64))
-            blocks = wave_blocks(listing, wave, models, step)
-            ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
-            del blocks  # the dataset holds them (in the object store) until the wave ends
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.add(batch)
-            del ds
-        writer.check_complete()
-        return writer.markers
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +329,7 @@ def _run(
         slices = listing.shards
 
         def execute(pending: dict[tuple[str, int], tuple[int, int]]) -> dict:
-            return _execute(config, listing, pending, models, run_id, run_key, options)
+            return score_execute.execute(config, listing, pending, models, run_id, run_key, options)
 
         done, new = score_pending(output, date, slices, run_key, options, execute)
         t_scoring = time.perf_counter()
