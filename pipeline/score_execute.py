@@ -84,20 +84,30 @@ def wave_blocks(
 ) -> list[pa.Table]:
     """The wave's listing rows as Ray Data input blocks of at most ``step`` rows.
 
-    Contiguous shards are read as one range; rows carry their shard id, so blocks need not
-    align with shards. Lines without a usable model get their error rows here, per block.
+    A block never spans two shards, so shards finish one after another (a small run commits
+    its first shard early and spreads its decoding over several tasks). Contiguous shards are
+    read as one range of the listing. Lines without a usable model get their error rows here.
     """
-    ranges: list[list[int]] = []
+    ranges: list[list[tuple[int, int]]] = []  # runs of contiguous (offset, length)
     for offset, length in sorted(wave.values()):
-        if ranges and ranges[-1][1] == offset:
-            ranges[-1][1] += length
+        if ranges and sum(ranges[-1][-1]) == offset:
+            ranges[-1].append((offset, length))
         else:
-            ranges.append([offset, offset + length])
+            ranges.append([(offset, length)])
     blocks = []
-    for start, stop in ranges:
-        for piece in listing.rows(start, stop):
-            for i in range(0, piece.num_rows, step):
-                blocks.append(apply_model_errors(piece.slice(i, step), models))
+    for shards in ranges:
+        start = shards[0][0]
+        pieces = listing.rows(start, sum(shards[-1]))
+        buffer, buffer_start = pa.table({}), start
+        for offset, length in shards:
+            for lo in range(offset, offset + length, step):
+                hi = min(lo + step, offset + length)
+                while buffer.num_rows < hi - buffer_start:
+                    piece = next(pieces)
+                    buffer = pa.concat_tables([buffer, piece]) if buffer.num_columns else piece
+                block = buffer.slice(lo - buffer_start, hi - lo).combine_chunks()
+                buffer, buffer_start = buffer.slice(hi - buffer_start), hi
+                blocks.append(apply_model_errors(block, models))
     return blocks
 
 

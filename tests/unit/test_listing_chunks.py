@@ -114,6 +114,9 @@ def test_wave_blocks_hold_exactly_the_wave_rows(small_chunks, tmp_path):
     for wave in waves(pending, wave_rows=9):
         got += wave_blocks(listing, wave, models, step=3)
     assert all(b.num_rows <= 3 for b in got)
+    for block in got:  # a block never spans two shards (shards commit one after another)
+        lines, shards = block.column("product_line").to_pylist(), block.column("shard").to_pylist()
+        assert len(set(zip(lines, shards, strict=True))) == 1
     table = pa.concat_tables(got)
     lines, shards = table.column("product_line").to_pylist(), table.column("shard").to_pylist()
     keys = list(zip(lines, shards, strict=True))
