@@ -12,7 +12,6 @@ only) the run committed but at least one product line drifted from its model's r
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 
 import click
@@ -34,31 +33,6 @@ EXIT_TOO_MANY_ERRORS = 3
 EXIT_EMPTY_INPUT = 4
 EXIT_LEASE_HELD = 5
 EXIT_DRIFT = 6
-#: Set to "0" (by the re-exec itself, or by a user) to keep the current process.
-REEXEC_ENV = "DFR_PIPELINE_TORCH_FREE_REEXEC"
-
-
-def reexec_torch_free() -> None:
-    """Replace this process with the torch-free scoring entry point, if torch is loaded.
-
-    The scoring driver holds the listing and the run's bookkeeping and must stay small; torch
-    (~1 GB of RSS with the CUDA build) is only needed by the scoring actors. The
-    ``dfr-pipeline`` group imports every command's module, torch among them, so ``score`` and
-    ``nightly`` started from it re-execute themselves as ``python -m pipeline.score_cli`` with
-    the same arguments: same pid (signals and a supervisor's kill still reach the driver), same
-    environment, no torch. Nothing happens when torch is not loaded, or when the process is
-    not the ``dfr-pipeline`` program (tests and notebooks calling the commands in process).
-    """
-    if "torch" not in sys.modules or os.environ.get(REEXEC_ENV) == "0":
-        return
-    if os.path.basename(sys.argv[0]) != "dfr-pipeline":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = [sys.executable, "-P", "-m", "pipeline.score_cli", *sys.argv[1:]]
-    os.execve(sys.executable, argv, {**os.environ, REEXEC_ENV: "0"})
-
-
 def parse_actors(value: str) -> tuple[int, int]:
     """``N`` (a fixed pool) or ``MIN:MAX`` (an autoscaling pool) -> (min, max)."""
     try:
@@ -192,7 +166,6 @@ def score(
     quiet: bool,
 ) -> None:
     """Score images with each product line's LATEST model; write Parquet scores and PNG masks."""
-    reexec_torch_free()
     min_actors, max_actors = parse_actors(actors) if actors else (None, None)
     try:
         config = ScoreJobConfig(
@@ -236,7 +209,6 @@ def score(
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
     """The scheduled run: fix the date, pin LATEST models, score, commit the run record."""
-    reexec_torch_free()
     from jobs.nightly import NightlyConfigError, load_config
 
     try:
@@ -246,5 +218,6 @@ def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
     execute(config, drift_exit=True)
 
 
-if __name__ == "__main__":  # the torch-free driver that ``dfr-pipeline score`` re-executes as
+if __name__ == "__main__":  # the torch-free driver ``dfr-pipeline score`` re-executes as
+    # (pipeline.driver_exec)
     click.Group("dfr-pipeline", commands=[score, nightly])(prog_name="dfr-pipeline")
