@@ -33,6 +33,8 @@ EXIT_TOO_MANY_ERRORS = 3
 EXIT_EMPTY_INPUT = 4
 EXIT_LEASE_HELD = 5
 EXIT_DRIFT = 6
+
+
 def parse_actors(value: str) -> tuple[int, int]:
     """``N`` (a fixed pool) or ``MIN:MAX`` (an autoscaling pool) -> (min, max)."""
     try:
