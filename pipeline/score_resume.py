@@ -9,6 +9,7 @@ processes die (pipeline.score_job calls these).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -90,17 +91,25 @@ def score_pending(
             break
         try:
             markers.update(execute(pending))
+            continue
         except Exception as exc:
             if attempt == MAX_EXECUTIONS or not is_actor_death(exc):
                 raise
-            markers = committed()
-            logger.warning(
-                "a scoring actor died (%s); resuming the %d uncommitted shards (execution %d "
-                "of at most %d)",
-                storage.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
-                len(slices) - len(markers),
-                attempt + 1,
-                MAX_EXECUTIONS,
-            )
+            reason = storage.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        # Out of the except block, the exception and its traceback are gone; their frames hold
+        # the failed execution's actor pool in reference cycles, and Ray Data releases those
+        # actors only when their handles are collected (it shuts a failed execution down
+        # without killing them). Until then they hold their CPUs, which on a small node
+        # starves the next execution's decode tasks.
+        gc.collect()
+        markers = committed()
+        logger.warning(
+            "a scoring actor died (%s); resuming the %d uncommitted shards (execution %d "
+            "of at most %d)",
+            reason,
+            len(slices) - len(markers),
+            attempt + 1,
+            MAX_EXECUTIONS,
+        )
     new = {k: v for k, v in markers.items() if k not in done}
     return done, new

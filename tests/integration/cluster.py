@@ -177,8 +177,27 @@ class LocalCluster:
         node.process.wait(timeout=STOP_TIMEOUT_S)
 
 
+#: ``ray start`` gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py,
+#: not configurable); on a machine whose cores are all busy that can run out.
+START_ATTEMPTS = 3
+_STARTUP_TIMED_OUT = "timed out during startup"
+
+
 def _start(name: str, args: list[str], env: dict[str, str], temp_dir: Path) -> Node:
-    """``ray start --block`` in a new session (own process group); returns once it is up."""
+    """``ray start --block`` in a new session (own process group); returns once it is up.
+
+    Retried only when Ray's own start-up deadline ran out; any other failure raises at once.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_once(name, args, env, temp_dir)
+        except RuntimeError as exc:
+            if attempt == START_ATTEMPTS or _STARTUP_TIMED_OUT not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(name: str, args: list[str], env: dict[str, str], temp_dir: Path) -> Node:
     log = temp_dir / f"{name}.log"
     with log.open("wb") as fh:
         process = subprocess.Popen(

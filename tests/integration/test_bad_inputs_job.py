@@ -79,6 +79,7 @@ def scored(s3_server: Any, ray_session: Any, tmp_path_factory: pytest.TempPathFa
             batch_size=4,
             shard_size=8,
             cpus_per_actor=0.5,
+            max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
             decode_cpus=0.5,
             masks="all",
             cache_dir=str(tmp / "cache"),

@@ -80,10 +80,18 @@ class World:
     train: subprocess.CompletedProcess
 
 
-def _run(cluster: LocalCluster, args: list[str]) -> subprocess.CompletedProcess:
+#: Ray Data hands blocks to whichever actor is ready: under load one actor can score every
+#: block before the other has loaded its model. Waiting for the pool's minimum (both actors)
+#: before the first block makes "both workers score some" a contract rather than a race.
+WAIT_FOR_BOTH_ACTORS = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": str(CLI_TIMEOUT_S)}
+
+
+def _run(
+    cluster: LocalCluster, args: list[str], extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [_exe(), *args, "--address", cluster.address],
-        env=cluster.env,
+        env={**cluster.env, **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
@@ -163,7 +171,7 @@ def test_train_and_score_spread_over_both_workers(world: World, s3_server) -> No
     assert set(trained_on.values()) == worker_ids, trained_on  # both workers, never the head
 
     output = f"{world.bucket}/scores-spread"
-    result = _run(world.cluster, _score_args(world, output, "2024-05-01"))
+    result = _run(world.cluster, _score_args(world, output, "2024-05-01"), WAIT_FOR_BOTH_ACTORS)
     assert result.returncode == 0, result.stdout + result.stderr
 
     df = outputs.read_scores(output, "2024-05-01", options=s3_server.options)

@@ -112,6 +112,7 @@ def _config(world: World, output: str, **changes: Any) -> ScoreJobConfig:
         batch_size=4,
         shard_size=4,
         cpus_per_actor=0.5,
+        max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
         decode_cpus=0.25,
         read_threads=2,
         masks="anomalous",
@@ -188,6 +189,20 @@ def _assert_one_row_per_image(output: str, expected_uris: list[str]) -> None:
     assert len(everything) == len(expected_uris)  # no leftover files of the killed attempt
 
 
+def _ray_state() -> str:
+    """Resources, live actors and unfinished tasks: what a hung job was waiting for."""
+    import ray
+    from ray.util import state
+
+    address = ray.get_runtime_context().gcs_address  # other Ray instances may run beside ours
+    lines = [f"available: {ray.available_resources()}", f"total: {ray.cluster_resources()}"]
+    for actor in state.list_actors(address, filters=[("state", "!=", "DEAD")], limit=50):
+        lines.append(f"actor {actor.class_name} {actor.state} pid={actor.pid}")
+    for task in state.list_tasks(address, filters=[("state", "!=", "FINISHED")], limit=50):
+        lines.append(f"task {task.name} {task.state}")
+    return "\n".join(lines)
+
+
 class _JobThread(threading.Thread):
     """run_score_job in the background, so the test can inject a fault while it runs."""
 
@@ -197,6 +212,18 @@ class _JobThread(threading.Thread):
         self.summary: ScoreSummary | None = None
         self.error: BaseException | None = None
 
+    def diagnosis(self) -> str:
+        """The job thread's stack and Ray's state, for the message of a hung job."""
+        import traceback
+
+        frame = sys._current_frames().get(self.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame else "(no frame)"
+        try:
+            ray_state = _ray_state()
+        except Exception as exc:  # diagnosis only: never hide the real failure
+            ray_state = f"(Ray state unavailable: {exc!r})"
+        return f"job thread stack:\n{stack}\n{ray_state}"
+
     def run(self) -> None:
         try:
             self.summary = run_score_job(self.config)
@@ -205,7 +232,7 @@ class _JobThread(threading.Thread):
 
     def result(self) -> ScoreSummary:
         self.join(WAIT_S)
-        assert not self.is_alive(), "the job did not finish"
+        assert not self.is_alive(), f"the job did not finish\n{self.diagnosis()}"
         if self.error is not None:
             raise self.error
         assert self.summary is not None

@@ -80,6 +80,7 @@ def _config(world: World, output: str, **changes: Any) -> ScoreJobConfig:
         batch_size=4,
         shard_size=4,
         cpus_per_actor=0.5,
+        max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
         decode_cpus=0.25,
         masks="all",
         heatmaps=True,

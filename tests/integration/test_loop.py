@@ -183,6 +183,7 @@ def _nightly(world: World, tmp_path: Path, input_uri: Path, output: Path, date: 
         output_uri: {output}
         run_date: {date}
         cpus_per_actor: 0.5
+        max_actors: 2
         decode_cpus: 0.25
         batch_size: 16
         masks: none

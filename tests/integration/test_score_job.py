@@ -163,6 +163,7 @@ def _config(world: World, input_uri: str, output_uri: str, **changes) -> ScoreJo
         run_date=DATE,
         batch_size=16,
         cpus_per_actor=0.5,
+        max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
         decode_cpus=0.25,
         shard_size=40,
         masks="anomalous",
@@ -434,6 +435,7 @@ def test_cli_score_and_nightly(world, tmp_path):
             output_uri: {output}
             run_date: 2024-05-03
             cpus_per_actor: 0.5
+            max_actors: 2
             decode_cpus: 0.25
             batch_size: 8
             cache_dir: {world.cache_dir}

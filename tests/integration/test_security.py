@@ -161,6 +161,7 @@ def test_listing_names_cannot_escape_the_output(
         run_date=DATE,
         batch_size=8,
         cpus_per_actor=0.5,
+        max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
         decode_cpus=0.5,
         masks="all",
         heatmaps=True,
@@ -275,6 +276,7 @@ def test_no_secret_in_any_output_and_writes_confined(
             run_date=DATE,
             batch_size=4,
             cpus_per_actor=0.5,
+            max_actors=2,  # two actor start-ups per job, not three (the suite is CPU bound)
             decode_cpus=0.5,
             masks="all",
             heatmaps=True,
