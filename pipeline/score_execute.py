@@ -11,6 +11,7 @@ never reach the driver), so this is not a bottleneck.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from dataclasses import replace
@@ -244,7 +245,11 @@ def execute(
             del blocks  # the dataset holds them (in the object store) until the wave ends
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.add(batch)
+            # Ray Data's handles to the wave's blocks and actors can sit in reference cycles;
+            # collect them now, so the object store frees (and reuses) the wave's blocks and the
+            # next wave's actors get their CPUs (see also pipeline.score_resume).
             del ds
+            gc.collect()
         writer.check_complete()
         return writer.markers
     finally:
