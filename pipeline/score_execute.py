@@ -243,13 +243,17 @@ def execute(
             blocks = wave_blocks(listing, wave, models, step)
             ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
             del blocks  # the dataset holds them (in the object store) until the wave ends
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.add(batch)
-            # Ray Data's handles to the wave's blocks and actors can sit in reference cycles;
-            # collect them now, so the object store frees (and reuses) the wave's blocks and the
-            # next wave's actors get their CPUs (see also pipeline.score_resume).
-            del ds
-            gc.collect()
+            try:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    writer.add(batch)
+            finally:
+                # Ray Data's handles to the wave's blocks and actors can sit in reference
+                # cycles, and this frame stays referenced by the traceback of a run stopped
+                # here (stop_after_shards): drop and collect them now, so the object store
+                # reuses the wave's memory and the actors give their CPUs back to the next
+                # wave or run (see also pipeline.score_resume).
+                ds = None
+                gc.collect()
         writer.check_complete()
         return writer.markers
     finally:
