@@ -1,17 +1,22 @@
-"""Driver peak memory and rows/s for a scoring run over a listing of missing files.
+"""Driver peak memory and rows/s of a real ``dfr-pipeline score`` over a listing of missing files.
 
 Every row of the generated listing names a file that does not exist, so every row becomes a
 ``not_found`` error row: the run exercises listing, sharding, Ray Data, shard writing and the
-commit without decoding an image. The scoring job runs in this process (this process *is* the
-driver), so ``ru_maxrss`` of this process is the driver's peak RSS.
+commit without decoding an image. The run is the real CLI in a child process (with
+``--max-error-fraction 1``, so a run whose rows are all errors still exits 0 and is measured);
+this script polls the child's ``/proc/<pid>/status`` and reports its peak RSS (``VmHWM``) and
+the peaks of its anonymous and shared (object-store pages it mapped) parts.
 
-    python benchmarks/driver_memory.py --rows 1000000            # end to end
+    python benchmarks/driver_memory.py --rows 1000000
     python benchmarks/driver_memory.py --rows 10000000 --plan-only   # listing + planning only
 
-``--plan-only`` stops after what the driver does per row before any Ray work (read the listing,
-resolve ids, sort, shard, pin models, shard bookkeeping): the part whose memory grows with the
-listing. Prints one JSON line. The model and the listing are made in a separate process first,
-so the measured process holds only what the driver holds.
+``dfr-pipeline score`` re-executes itself torch-free (pipeline.driver_exec.reexec_scoring):
+``VmHWM`` is that of the driver after the re-exec; ``launcher_peak_mb`` (the child's
+``ru_maxrss``) also covers the CLI start-up before it, which imports torch and is released by
+the re-exec. ``--plan-only`` runs, in a torch-free child, what the driver does per row before
+any Ray work (read the listing in chunks, sort, shard, fingerprint, pin models, build every
+wave's blocks once). Prints one JSON line. The model and the listing are made in a separate
+process first.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,53 +64,114 @@ def prepare(work: Path, rows: int) -> None:
     _listing(work / "listing.parquet", rows)
 
 
-def measure(work: Path, args: argparse.Namespace) -> dict[str, object]:
+_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def _status(pid: int) -> dict[str, int]:
+    """The memory fields of /proc/<pid>/status, in MB ({} once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in _FIELDS:
+            out[name] = int(value.split()[0]) // 1024
+    return out
+
+
+def _watch(command: list[str], env: dict[str, str]) -> dict[str, object]:
+    """Run ``command``; peaks of its memory fields (polled) and its wall time."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    peaks: dict[str, int] = {}
+    while child.poll() is None:
+        for name, value in _status(child.pid).items():
+            peaks[name] = max(peaks.get(name, 0), value)
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    out = child.stdout.read() if child.stdout else ""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if child.returncode != 0:
+        raise SystemExit(f"{command[:3]} exited {child.returncode}:\n{out}")
+    return {
+        "wall_s": round(wall, 1),
+        "driver_peak_rss_mb": peaks.get("VmHWM"),
+        "driver_peak_anon_mb": peaks.get("RssAnon"),
+        "driver_peak_shmem_mb": peaks.get("RssShmem"),
+        "launcher_peak_mb": round(usage.ru_maxrss / 1024),
+        "stdout": out,
+    }
+
+
+def plan(work: Path, args: argparse.Namespace) -> None:
+    """The driver's per-row work without Ray (run in a torch-free child by measure)."""
     from pipeline import listing as listing_mod
     from pipeline import score_job
-    from pipeline.score_job import ScoreJobConfig, run_score_job
+    from pipeline.score_job import ScoreJobConfig
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     config = ScoreJobConfig(
         models_uri=str(work / "models"),
         input_uri=str(work / "listing.parquet"),
         output_uri=str(work / "out"),
         run_date="2024-05-01",
         shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        cpus_per_actor=0.5,
-        decode_cpus=0.5,
-        masks="none",
         cache_dir=str(work / "cache"),
-        quiet=True,
-        max_error_fraction=1.0,
     )
     t0 = time.perf_counter()
+    listing = listing_mod.load_listing(config.input_uri, (), config.shard_size)
+    t_list = time.perf_counter()
+    models = {
+        ln: score_job.resolve_model(config, ln, None, check_head=False)
+        for ln in listing.product_lines
+    }
+    blocks = 0
+    for wave in score_job.waves(listing.shards):
+        blocks += len(score_job.wave_blocks(listing, wave, models, score_job.MAX_BLOCK_ROWS))
+    assert "torch" not in sys.modules
+    print(
+        json.dumps(
+            {
+                "listing_s": round(t_list - t0, 1),
+                "plan_s": round(time.perf_counter() - t0, 1),
+                "shards": len(listing.shards),
+                "blocks": blocks,
+                "spilled": listing.spilled,
+            }
+        )
+    )
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result: dict[str, object] = {"rows": args.rows, "plan_only": args.plan_only}
     if args.plan_only:
-        resolved = listing_mod.load_listing(config.input_uri, (), config.shard_size)
-        t_list = time.perf_counter()
-        models = {ln: score_job.resolve_model(config, ln, None) for ln in resolved.product_lines}
-        table = score_job.apply_model_errors(resolved.table, models)
-        slices = score_job.shard_slices(table)
-        result.update(
-            listing_s=round(t_list - t0, 1),
-            plan_s=round(time.perf_counter() - t0, 1),
-            shards=len(slices),
-            table_mb=round(table.nbytes / 2**20),
-        )
-    else:
-        summary = run_score_job(config)
-        assert summary.counts["rows"] == args.rows, summary.counts
-        assert summary.counts["error_reasons"] == {"not_found": args.rows}, summary.counts
-        wall = time.perf_counter() - t0
-        result.update(
-            wall_s=round(wall, 1),
-            rows_per_s=round(args.rows / wall),
-            scoring_rows_per_s=round(args.rows / summary.timings["scoring_s"]),
-            timings=summary.timings,
-        )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result.update(driver_peak_rss_mb=round(peak), rss_after_imports_mb=round(base_rss))
+        command = [sys.executable, __file__, *sys.argv[1:], "--work", str(work), "--step", "plan"]
+        watched = _watch(command, env)
+        result.update(json.loads(str(watched.pop("stdout")).strip().splitlines()[-1]))
+        result.update(watched)
+        return result
+    command = [
+        str(Path(sys.executable).with_name("dfr-pipeline")), "score",
+        "--models-uri", str(work / "models"), "--input", str(work / "listing.parquet"),
+        "--output", str(work / "out"), "--run-date", "2024-05-01",
+        "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
+        "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--masks", "none",
+        "--max-error-fraction", "1", "--cache-dir", str(work / "cache"), "--quiet",
+    ]  # fmt: skip
+    watched = _watch(command, env)
+    out = str(watched.pop("stdout"))
+    assert f"{args.rows} listed" in out and f"not_found={args.rows}" in out, out
+    scoring = re.search(r"this invocation: (\d+) images in ([\d.]+) s", out)
+    assert scoring is not None, out
+    result.update(watched)
+    result.update(
+        rows_per_s=round(args.rows / float(watched["wall_s"])),  # type: ignore[arg-type]
+        scoring_s=float(scoring.group(2)),
+        scoring_rows_per_s=round(int(scoring.group(1)) / float(scoring.group(2))),
+    )
     return result
 
 
@@ -114,7 +182,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--step", choices=("prepare", "measure"), help=argparse.SUPPRESS)
+    parser.add_argument("--step", choices=("prepare", "measure", "plan"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -122,10 +190,12 @@ def main() -> None:
     if args.step == "prepare":
         prepare(Path(args.work), args.rows)
         return
+    if args.step == "plan":
+        plan(Path(args.work), args)
+        return
     if args.step == "measure":
-        import pipeline.score_job  # noqa: F401  (imports first: torch, ray, pyarrow)
-
         print(json.dumps(measure(Path(args.work), args)))
+        shutil.rmtree(args.work, ignore_errors=True)
         return
     work = Path(tempfile.mkdtemp(prefix="dfr-driver-mem-"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}

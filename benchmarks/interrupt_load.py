@@ -23,11 +23,21 @@ TESTS = (
 )
 
 
+def _first_error(output: str) -> str:
+    """The first ``E   `` line pytest printed (the failed assertion), if any."""
+    return next((ln.strip() for ln in output.splitlines() if ln.startswith("E   ")), "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--burners", type=int, default=2, help="busy processes (cores to load)")
+    parser.add_argument(
+        "--log-dir", default="/tmp/dfr-interrupt-load", help="each session's full output"
+    )
     args = parser.parse_args()
+    logs = Path(args.log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
     burners = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)
     ]
@@ -46,7 +56,11 @@ def main() -> None:
                 ok = run.returncode == 0
                 passed[test] += ok
                 tail = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-                print(f"repeat {i + 1} {test.split('::')[1]}: {'pass' if ok else 'FAIL'} ({tail})")
+                log = logs / f"{i + 1}-{test.split('::')[1]}.log"
+                log.write_text(run.stdout + run.stderr)
+                why = "" if ok else f"; {_first_error(run.stdout)}; log {log}"
+                verdict = "pass" if ok else "FAIL"
+                print(f"repeat {i + 1} {test.split('::')[1]}: {verdict} ({tail}{why})", flush=True)
     finally:
         for burner in burners:
             burner.kill()

@@ -8,7 +8,6 @@ so a model is never scored with backbone weights other than those it was trained
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -19,34 +18,26 @@ import numpy as np
 import torch
 import torchvision
 
-from dfr_core import __version__
+from dfr_core.artifact_meta import (  # noqa: F401 - re-exported: the torch-free part
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    HEAD_FILE,
+    LIBRARY_VERSION,
+    ArtifactError,
+    read_metadata,
+    sha256_bytes,
+)
 from dfr_core.calibrate import Calibration
 from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict, to_dict
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel, build_extractor
-
-FORMAT = "dfr-pipeline-model"
-#: 2: image score per ModelConfig.image_score / score_norm / global_weight (score-term buffers
-#: in head.pt, Calibration.max_threshold). 1: image score = max of the map; still loaded, with
-#: the fields it lacks set to what version 1 meant (config.LEGACY_V1_MODEL_FIELDS).
-FORMAT_VERSION = 2
-CONFIG_FILE = "model.json"
-HEAD_FILE = "head.pt"
-LIBRARY_VERSION = __version__  # recorded in model.json; one copy (pyproject.toml's aside)
-
-
-class ArtifactError(ValueError):
-    """A model directory that cannot be trusted: bad checksum, missing file, unknown format."""
 
 
 class LoadedModel(NamedTuple):
     model: DFRModel
     calibration: Calibration | None
     metadata: dict[str, Any]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -93,33 +84,6 @@ def save_model(
         "files": {HEAD_FILE: sha256_bytes((out / HEAD_FILE).read_bytes())},
     }
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
-    return meta
-
-
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """Parse and validate model.json (format, version, required keys)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing model config")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a {FORMAT} config")
-    version = meta.get("format_version")
-    if isinstance(version, int) and version < 1:
-        raise ArtifactError(
-            f"{path}: unknown format_version {version} (this library reads 1..{FORMAT_VERSION})"
-        )
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {version!r} is newer than this library supports "
-            f"({FORMAT_VERSION}); upgrade dfr-pipeline"
-        )
-    for key in ("model_config", "backbone", "latent_dim", "files"):
-        if key not in meta:
-            raise ArtifactError(f"{path}: missing key {key!r}")
     return meta
 
 

@@ -186,13 +186,20 @@ def compute_drift(
     run_date: str,
     run_id: str,
     model_version: str | None,
+    totals: tuple[int, int] | None = None,
 ) -> LineDrift:
     """Drift of one line's rows (columns as lists: ``status``, ``score``, ``is_anomaly`` and
-    the input statistics; any other columns are ignored) against ``reference``."""
+    the input statistics; any other columns are ignored) against ``reference``.
+
+    ``totals`` (ok rows, anomalous rows) of the whole night, when ``rows`` is a sample of it:
+    the anomaly rate is then exact and the distribution tests use the sample.
+    """
     ok = np.asarray([s == "ok" for s in rows["status"]], dtype=bool)
     n_ok = int(ok.sum())
     flags = [bool(a) for a, keep in zip(rows["is_anomaly"], ok, strict=True) if keep]
     n_anom = int(sum(flags))
+    if totals is not None:
+        n_ok, n_anom = totals
     values: dict[str, Any] = {
         "anomaly_rate": n_anom / n_ok if n_ok else None,
         "expected_rate": None,

@@ -13,24 +13,33 @@ shows. After the commit, drift files of superseded runs of the same date and lin
 
 from __future__ import annotations
 
+import hashlib
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from dfr_core.artifact import ArtifactError, read_metadata
-from dfr_core.calibrate import Calibration, compute_maps
-from dfr_core.model import DFRModel
+from dfr_core.artifact_meta import ArtifactError, read_metadata
 from pipeline import outputs, registry, storage
 from pipeline.drift import SCORE_COLUMN, DriftConfig, DriftReference, LineDrift, compute_drift
 from pipeline.input_stats import STAT_NAMES, batch_stats
 from pipeline.storage import StorageOptions
 
+if TYPE_CHECKING:  # the training-side helpers need torch; the scoring driver imports none
+    import torch
+
+    from dfr_core.calibrate import Calibration
+    from dfr_core.model import DFRModel
+
 KIND = "drift"
+#: Most ok rows per line the drift tests of a run read (a uniform sample beyond it): the KS
+#: tests compare with a reference of at most MAX_REFERENCE values, so more rows add memory, not
+#: power. The anomaly rate always counts every row.
+MAX_DRIFT_ROWS = 200_000
 #: Most values per reference list kept in model.json (a random, seeded subset beyond it).
 MAX_REFERENCE = 2000
 _F = pa.float64()
@@ -79,6 +88,8 @@ def make_reference(
 ) -> DriftReference:
     """Scores of the calibration images (the same forward pass as calibration) and input
     statistics of every normal image the line was trained and calibrated on."""
+    from dfr_core.calibrate import compute_maps
+
     scores = compute_maps(model, calibration_images, device).score.numpy().tolist()
     normals = (
         np.concatenate([train_images, calibration_images])
@@ -102,6 +113,8 @@ def rows_of_images(
 ) -> dict[str, list[Any]]:
     """The columns compute_drift reads, for images scored in process (benchmarks, tests and
     offline checks): the same forward pass and statistics as the scoring job."""
+    from dfr_core.calibrate import compute_maps
+
     scores = compute_maps(model, images, device).score.numpy().tolist()
     inputs = batch_stats(images)
     return {
@@ -127,17 +140,53 @@ def drift_file_uri(output: str, run_date: str, product_line: str, run_key: str) 
     return storage.join_uri(partition, f"drift-{run_key}.parquet")
 
 
-def _read_rows(output: str, files: list[str], options: StorageOptions | None) -> dict[str, list]:
+def _sample_keys(ids: list[str]) -> np.ndarray:
+    """A uniform, deterministic 64-bit key per image id (the sample keeps the smallest)."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids),
+        dtype=np.uint64,
+        count=len(ids),
+    )
+
+
+def _read_rows(
+    output: str, files: list[str], options: StorageOptions | None, limit: int = MAX_DRIFT_ROWS
+) -> tuple[dict[str, list], tuple[int, int]]:
+    """The ok rows of a line's score files (at most ``limit``, a uniform sample by image id
+    beyond it) and the exact (ok rows, anomalous rows) of all of them.
+
+    Bounded, because a night of millions of images must not hold a Python object per row:
+    read a file at a time, keep the ``limit`` rows with the smallest keys of their image ids.
+    """
     root = output.rstrip("/")
-    tables = []
+    kept = None
+    n_ok = n_anom = 0
     for rel in files:
         source = pq.ParquetFile(io.BytesIO(storage.read_bytes(f"{root}/{rel}", options)))
         names = set(source.schema_arrow.names)
-        tables.append(source.read(columns=[c for c in ROW_COLUMNS if c in names]))
-    if not tables:
-        return {name: [] for name in ROW_COLUMNS}
-    table = pa.concat_tables(tables, promote_options="default")
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+        table = source.read(columns=[c for c in ["image_id", *ROW_COLUMNS] if c in names])
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        n_ok += table.num_rows
+        n_anom += int(pc.sum(pc.fill_null(table.column("is_anomaly"), False)).as_py() or 0)
+        keys = _sample_keys(table.column("image_id").to_pylist())
+        table = table.append_column("_key", pa.array(keys, pa.uint64()))
+        kept = table if kept is None else pa.concat_tables([kept, table], promote_options="default")
+        if kept.num_rows > 2 * limit:
+            kept = _smallest(kept, limit)
+    if kept is None:
+        return {name: [] for name in ROW_COLUMNS}, (0, 0)
+    kept = _smallest(kept, limit)
+    rows = {
+        name: kept.column(name).to_pylist() for name in kept.column_names if name in ROW_COLUMNS
+    }
+    return rows, (n_ok, n_anom)
+
+
+def _smallest(table: pa.Table, limit: int) -> pa.Table:
+    if table.num_rows <= limit:
+        return table
+    keys = table.column("_key").to_numpy()
+    return table.take(pa.array(np.sort(np.argpartition(keys, limit)[:limit])))
 
 
 def write_line_drift(
@@ -183,10 +232,10 @@ def run_drift(
     for line, version in sorted(record["models"].items()):
         if version is None:
             continue
-        rows = _read_rows(output, record["files"].get(line, []), options)
+        rows, totals = _read_rows(output, record["files"].get(line, []), options)
         reference = _reference_for(record["models_uri"], line, version, cache_dir, options)
         drift = compute_drift(
-            rows, reference, config, line, record["run_date"], record["run_id"], version
+            rows, reference, config, line, record["run_date"], record["run_id"], version, totals
         )
         write_line_drift(output, run_key, drift, options)
         results.append(drift)

@@ -17,11 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from dfr_core.decode import DecodeError, decode_resized
 from pipeline import storage
-from pipeline.storage import IMAGE_SUFFIXES, StorageOptions
+from pipeline.storage import (  # noqa: F401 - canonical_uri re-exported (moved to storage)
+    IMAGE_SUFFIXES,
+    StorageOptions,
+    canonical_uri,
+)
 
 #: A URI with one of these suffixes is read as a list of image URIs, not as an image prefix.
 LIST_SUFFIXES: tuple[str, ...] = (".txt", ".csv", ".lst")
@@ -44,16 +47,6 @@ class LoadedImages(NamedTuple):
     images: np.ndarray
     uris: list[str]
     failures: list[ImageFailure]
-
-
-def canonical_uri(uri: str, options: StorageOptions | None = None) -> str:
-    """The form storage.list_files returns: an absolute local path, or ``s3://bucket/key``.
-
-    Lets callers compare listed URIs with URIs they build from a user's input, whatever
-    spelling (``file://``, relative path, trailing slash) the user chose.
-    """
-    fs, path = storage.get_fs(uri, options)
-    return path if isinstance(fs, LocalFileSystem) else f"s3://{path}"
 
 
 def is_list_file(uri: str) -> bool:

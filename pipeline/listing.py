@@ -21,9 +21,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Iterator
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,52 +31,28 @@ import pyarrow.parquet as pq
 
 from pipeline import listing_arrow as la
 from pipeline import storage
-from pipeline.image_sets import canonical_uri
+from pipeline.listing_rows import (  # noqa: F401 - re-exported: the listing's public names
+    INVALID_LINE,
+    LISTING_SCHEMA,
+    PREPARED_SCHEMA,
+    TIMESTAMP,
+    Listing,
+    build,
+)
 from pipeline.storage import StorageOptions
 
 LISTING_SUFFIXES: tuple[str, ...] = (".parquet", ".csv")
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_uri", "product_line")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("image_id", "captured_at")
-#: Partition value for rows whose product line cannot be used as a path component.
-INVALID_LINE = "_invalid"
 #: Length of derived image ids (hex sha1 of the URI): 80 bits, collision-free in practice.
 DERIVED_ID_CHARS = 20
-
-TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-#: The resolved listing: one row per input, sorted by (product_line, image_id, image_uri).
-#: ``status``/``error_reason``/``error`` carry problems found while resolving the listing.
-LISTING_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("product_line", pa.string(), nullable=False),
-        pa.field("captured_at", TIMESTAMP),
-        pa.field("shard", pa.int32(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_reason", pa.string()),
-        pa.field("error", pa.string()),
-    ]
-)
+#: Input rows read, checked and sorted at a time: what bounds the driver's memory while it
+#: resolves a listing (pipeline.listing_rows spills sorted chunks beyond the first).
+CHUNK_ROWS = 262_144
 
 
 class ListingError(ValueError):
     """The listing itself is unusable (missing columns, unreadable file): the job cannot run."""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """A resolved listing and the fingerprint that names its content."""
-
-    table: pa.Table  # LISTING_SCHEMA
-    fingerprint: str  # sha256 of the sorted rows; changes when any input changes
-    source: str  # "file" or "prefix"
-
-    @property
-    def product_lines(self) -> list[str]:
-        """Distinct product lines (valid ones only), sorted."""
-        lines = set(pc.unique(self.table.column("product_line")).to_pylist())
-        return sorted(lines - {INVALID_LINE})
 
 
 def derive_image_id(image_uri: str) -> str:
@@ -104,7 +79,7 @@ def _resolve_uri(entry: str, listing_uri: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(listing_uri)), entry))
 
 
-def _parse_timestamps(column: pa.ChunkedArray) -> pa.Array:
+def _parse_timestamps(column: pa.ChunkedArray, first_row: int = 0) -> pa.Array:
     """captured_at of any sensible type -> timestamp[us, UTC]; naive times are taken as UTC."""
     if pa.types.is_null(column.type):
         return pa.nulls(len(column), TIMESTAMP)
@@ -116,38 +91,17 @@ def _parse_timestamps(column: pa.ChunkedArray) -> pa.Array:
     if bad.any():
         rows = [int(i) for i in bad[bad].index[:5]]
         raise ListingError(
-            f"captured_at: unparseable timestamps at rows {rows} "
+            f"captured_at: unparseable timestamps at rows {[first_row + r for r in rows]} "
             f"(e.g. {values[rows[0]]!r}); use ISO 8601"
         )
     return pa.array(parsed.dt.as_unit("us"), type=TIMESTAMP)
 
 
-def _read_listing_file(uri: str, options: StorageOptions | None) -> pa.Table:
-    """Read the listing file's columns as given (strings for ids, so '0012' stays '0012')."""
-    try:
-        if uri.lower().endswith(".parquet"):
-            fs, path = storage.pyarrow_fs(uri, options)
-            table = pq.read_table(path, filesystem=fs)
-        else:
-            data = storage.read_bytes(uri, options)
-            names = set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
-            convert = pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in names},
-                strings_can_be_null=True,
-            )
-            table = pacsv.read_csv(pa.BufferReader(data), convert_options=convert)
-    except FileNotFoundError as exc:
-        raise ListingError(f"listing file not found: {uri}") from exc
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ListingError(f"cannot read listing {uri}: {storage.redact(str(exc))}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ListingError(
-            f"listing {uri} lacks required columns {missing}; has {table.column_names}"
-        )
+def _columns(table: pa.Table, uri: str, first_row: int) -> pa.Table:
+    """A chunk of the listing file -> the four input columns, typed (ids stay strings)."""
     n = table.num_rows
     columns = {
-        "image_uri": pc.cast(table.column("image_uri"), pa.string()),
+        "image_uri": pc.cast(table.column("image_uri"), pa.string()).combine_chunks(),
         "product_line": pc.cast(table.column("product_line"), pa.string()),
         "image_id": (
             pc.cast(table.column("image_id"), pa.string())
@@ -155,19 +109,77 @@ def _read_listing_file(uri: str, options: StorageOptions | None) -> pa.Table:
             else pa.nulls(n, pa.string())
         ),
         "captured_at": (
-            _parse_timestamps(table.column("captured_at"))
+            _parse_timestamps(table.column("captured_at"), first_row)
             if "captured_at" in table.column_names
             else pa.nulls(n, TIMESTAMP)
         ),
     }
-    columns["image_uri"] = _resolve_relative(columns["image_uri"].combine_chunks(), uri)
+    columns["image_uri"] = _resolve_relative(columns["image_uri"], uri)
     return pa.table(columns)
+
+
+def _file_batches(uri: str, options: StorageOptions | None) -> Iterator[pa.RecordBatch]:
+    """The listing file's record batches, streamed (a Parquet row group or CSV block each)."""
+    fs, path = storage.pyarrow_fs(uri, options)
+    if uri.lower().endswith(".parquet"):
+        reader = pq.ParquetFile(fs.open_input_file(path))
+        names = reader.schema_arrow.names
+        _check_columns(uri, names)
+        wanted = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in names]
+        yield from reader.iter_batches(batch_size=CHUNK_ROWS, columns=wanted)
+        return
+    convert = pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS},
+        strings_can_be_null=True,
+    )
+    reader = pacsv.open_csv(
+        fs.open_input_stream(path),
+        read_options=pacsv.ReadOptions(block_size=16 * 2**20),
+        convert_options=convert,
+    )
+    _check_columns(uri, reader.schema.names)
+    yield from reader
+
+
+def _check_columns(uri: str, names: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ListingError(f"listing {uri} lacks required columns {missing}; has {names}")
+
+
+def _read_listing_file(
+    uri: str, products: tuple[str, ...], options: StorageOptions | None
+) -> Iterator[pa.Table]:
+    """The listing file in chunks of about CHUNK_ROWS rows, typed, filtered to ``products``."""
+    held: list[pa.RecordBatch] = []
+    held_rows = first_row = 0
+    batches = _file_batches(uri, options)
+    while True:
+        try:
+            batch = next(batches, None)
+        except FileNotFoundError as exc:
+            raise ListingError(f"listing file not found: {uri}") from exc
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ListingError(f"cannot read listing {uri}: {storage.redact(str(exc))}") from exc
+        if batch is not None and batch.num_rows:
+            held.append(batch)
+            held_rows += batch.num_rows
+        if held and (batch is None or held_rows >= CHUNK_ROWS):
+            chunk = _columns(pa.Table.from_batches(held), uri, first_row)
+            first_row += held_rows
+            held, held_rows = [], 0
+            if products:
+                chunk = chunk.filter(pc.is_in(chunk.column("product_line"), pa.array(products)))
+            yield chunk
+        if batch is None:
+            return
 
 
 def _resolve_relative(uris: pa.Array, listing_uri: str) -> pa.Array:
     """:func:`_resolve_uri` for the entries that need it (relative ones) only."""
     absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
-    relative = pc.fill_null(pc.invert(absolute), False)
+    # An empty entry stays empty (a bad_uri row), rather than naming the listing's directory.
+    relative = pc.fill_null(pc.and_(pc.invert(absolute), pc.not_equal(uris, "")), False)
     if not pc.any(relative).as_py():
         return uris
     resolved = [_resolve_uri(u, listing_uri) for u in uris.filter(relative).to_pylist()]
@@ -178,7 +190,7 @@ def _list_prefix(
     prefix: str, products: tuple[str, ...], options: StorageOptions | None
 ) -> pa.Table:
     """``<prefix>/<line>/**/<file>`` -> rows; files directly under the prefix have no line."""
-    base = canonical_uri(prefix, options).rstrip("/")
+    base = storage.canonical_uri(prefix, options).rstrip("/")
     if not storage.exists(base, options):
         raise ListingError(f"input prefix not found or empty: {prefix}")
     if products:
@@ -209,16 +221,12 @@ def _list_prefix(
     )
 
 
-def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
-    """Raw rows -> the deterministic listing: ids derived/validated, sorted, deduplicated, sharded.
+def prepare(raw: pa.Table) -> pa.Table:
+    """Raw rows -> PREPARED_SCHEMA: ids derived or validated, row problems recorded.
 
-    Rows are sorted by (product_line, image_id, image_uri) and each product line is cut into
-    shards of ``shard_size`` rows, so the same input always yields the same shards. Vectorised
-    in Arrow (Python objects only per chunk or per problem row), so the driver holds about
-    150 bytes per listed image rather than a Python tuple per row.
+    Per row and vectorised in Arrow (Python objects only per chunk or per problem row), so it
+    runs on one chunk of the input at a time.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     raw = raw.combine_chunks()
     # Cast: a column of nulls only (e.g. no image_id at all) arrives as Arrow's null type.
     uri = pc.fill_null(pc.cast(raw.column("image_uri").combine_chunks(), pa.string()), "")
@@ -231,7 +239,7 @@ def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
         image_id = pc.replace_with_mask(given, missing_id, derived)
     else:
         image_id = given
-    table = pa.table(
+    return pa.table(
         {
             "product_line": line,
             "image_id": image_id,
@@ -239,70 +247,22 @@ def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
             "captured_at": pc.cast(raw.column("captured_at").combine_chunks(), TIMESTAMP),
             "reason": reason,
             "message": message,
-        }
-    )
-    del raw, uri, line, given, image_id, reason, message
-    order = pc.sort_indices(
-        table,
-        sort_keys=[
-            ("product_line", "ascending"),
-            ("image_id", "ascending"),
-            ("image_uri", "ascending"),
-        ],
-    )
-    table = table.take(order)
-    del order
-    n = table.num_rows
-    lines = table.column("product_line").combine_chunks()
-    ids = table.column("image_id").combine_chunks()
-    reason = table.column("reason").combine_chunks()
-    message = table.column("message").combine_chunks()
-
-    # Ordinal within the line (lines are contiguous after the sort) -> shard.
-    codes = np.asarray(pc.dictionary_encode(lines).indices.to_numpy(zero_copy_only=False))
-    new_line = np.ones(n, dtype=bool)
-    new_key = np.ones(n, dtype=bool)
-    if n > 1:
-        new_line[1:] = codes[1:] != codes[:-1]
-        same_id = np.asarray(
-            pc.equal(ids.slice(1), ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-        )
-        new_key[1:] = new_line[1:] | ~same_id
-    positions = np.arange(n, dtype=np.int64)
-    line_start = np.maximum.accumulate(np.where(new_line, positions, 0)) if n else positions
-    shards = ((positions - line_start) // shard_size).astype(np.int32)
-
-    # Duplicates: a row whose (line, id) equals the previous row's and has no other problem.
-    no_reason = np.asarray(pc.is_null(reason).to_numpy(zero_copy_only=False)) if n else new_key
-    duplicate = ~new_key & no_reason
-    if duplicate.any():
-        key_start = np.maximum.accumulate(np.where(new_key, positions, 0))
-        rows = np.flatnonzero(duplicate)
-        firsts = table.column("image_uri").take(pa.array(key_start[rows])).to_pylist()
-        dup_ids = ids.take(pa.array(rows)).to_pylist()
-        texts = [
-            f"image id {i!r} already used in this listing by {u}"
-            for i, u in zip(dup_ids, firsts, strict=True)
-        ]
-        mask = pa.array(duplicate)
-        reason = pc.replace_with_mask(reason, mask, pa.array(["duplicate_image_id"] * len(rows)))
-        message = pc.replace_with_mask(message, mask, pa.array(texts, pa.string()))
-    status = pc.if_else(pc.is_null(reason), pa.scalar("ok"), pa.scalar("error"))
-    error = pc.binary_join_element_wise(reason, message, ": ")
-    resolved = pa.table(
-        {
-            "image_id": ids,
-            "image_uri": table.column("image_uri"),
-            "product_line": lines,
-            "captured_at": table.column("captured_at"),
-            "shard": pa.array(shards, pa.int32()),
-            "status": status,
-            "error_reason": reason,
-            "error": error,
         },
-        schema=LISTING_SCHEMA,
+        schema=PREPARED_SCHEMA,
     )
-    return Listing(table=resolved, fingerprint=la.fingerprint(resolved, shard_size), source=source)
+
+
+def resolve(raw: pa.Table, shard_size: int, source: str) -> Listing:
+    """Raw rows -> the deterministic listing: ids derived/validated, sorted, deduplicated, sharded.
+
+    Rows are sorted by (product_line, image_id, image_uri) and each product line is cut into
+    shards of ``shard_size`` rows, so the same input always yields the same shards. Whatever
+    the size of ``raw``, the result equals what :func:`load_listing` builds from it in chunks.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    chunks = (prepare(raw.slice(i, CHUNK_ROWS)) for i in range(0, max(raw.num_rows, 1), CHUNK_ROWS))
+    return build(chunks, shard_size, source)
 
 
 def load_listing(
@@ -311,11 +271,18 @@ def load_listing(
     shard_size: int = 1000,
     options: StorageOptions | None = None,
 ) -> Listing:
-    """Read a listing file or list a prefix, keep only ``products`` (all when empty), resolve."""
+    """Read a listing file or list a prefix, keep only ``products`` (all when empty), resolve.
+
+    A listing file is read, checked and sorted CHUNK_ROWS rows at a time (pipeline.listing_rows
+    spills sorted chunks to local disk and merges them), so the driver's memory does not grow
+    with the listing. A prefix is listed whole first (one URI string per object).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if is_listing_file(input_uri):
-        raw, source = _read_listing_file(input_uri, options), "file"
-        if products:
-            raw = raw.filter(pc.is_in(raw.column("product_line"), pa.array(products)))
+        chunks, source = _read_listing_file(input_uri, products, options), "file"
     else:
-        raw, source = _list_prefix(input_uri, products, options), "prefix"
-    return resolve(raw, shard_size, source)
+        raw = _list_prefix(input_uri, products, options)
+        chunks = (raw.slice(i, CHUNK_ROWS) for i in range(0, max(raw.num_rows, 1), CHUNK_ROWS))
+        source = "prefix"
+    return build((prepare(chunk) for chunk in chunks), shard_size, source)

@@ -52,6 +52,19 @@ def derived_ids(uris: pa.Array, derive: Callable[[str], str]) -> pa.Array:
 def fingerprint(table: pa.Table, shard_size: int) -> str:
     """sha256 of the sorted (line, id, uri, captured_at) rows, streamed in chunks."""
     digest = hashlib.sha256()
+    update_fingerprint(digest, table)
+    return finish_fingerprint(digest, shard_size)
+
+
+def finish_fingerprint(digest: hashlib._Hash, shard_size: int) -> str:
+    """The fingerprint of the rows fed to ``digest`` so far (``digest`` itself is unchanged)."""
+    done = digest.copy()
+    done.update(f"shard_size={shard_size}".encode())
+    return done.hexdigest()
+
+
+def update_fingerprint(digest: hashlib._Hash, table: pa.Table) -> None:
+    """Feed ``table``'s rows to ``digest``: rows fed in pieces hash as the whole table does."""
     captured = pc.fill_null(pc.cast(table.column("captured_at"), pa.string()), "")
     for start in range(0, table.num_rows, _CHUNK_ROWS):
         columns = [
@@ -68,8 +81,6 @@ def fingerprint(table: pa.Table, shard_size: int) -> str:
         end = np.frombuffer(offsets, dtype=np.int32)[joined.offset + len(joined)]
         if data is not None:
             digest.update(memoryview(data)[int(bounds[0]) : int(end)])
-    digest.update(f"shard_size={shard_size}".encode())
-    return digest.hexdigest()
 
 
 def row_problems(

@@ -28,10 +28,9 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from dfr_core.artifact import CONFIG_FILE, ArtifactError, read_metadata
+from dfr_core.artifact_meta import CONFIG_FILE, ArtifactError, read_metadata
 from dfr_core.backbones import sha256_file
 from pipeline import storage
-from pipeline.image_sets import canonical_uri
 from pipeline.run_lease import process_alive
 from pipeline.storage import StorageOptions
 
@@ -112,7 +111,7 @@ def list_versions(
 
     One recursive listing, so it costs the same on S3 however many versions exist.
     """
-    line_uri = canonical_uri(_line_uri(models_uri, product_line), options)
+    line_uri = storage.canonical_uri(_line_uri(models_uri, product_line), options)
     try:
         files = storage.list_files(line_uri, options=options)
     except FileNotFoundError:
@@ -313,7 +312,7 @@ def fetch(
     scoring worker on a node downloads a model once. Downloads go to a temporary directory
     that is renamed into place, so a concurrent reader never sees a partial copy.
     """
-    remote = canonical_uri(version_uri(models_uri, product_line, version), options)
+    remote = storage.canonical_uri(version_uri(models_uri, product_line, version), options)
     target = Path(cache_dir).expanduser().resolve() / product_line / version
     if _cached_ok(target):
         return target

@@ -14,21 +14,37 @@ import pyarrow as pa
 
 from pipeline.io_stages import DecodeConfig, ReadConfig, decode_batch, read_batch
 from pipeline.resources import ResourcePlan
+from pipeline.scoring_config import ScoringConfig
+
+
+class ScoringActor:
+    """What the actor pool runs: builds pipeline.score_stages.ScoringActor inside the actor.
+
+    The driver passes this class to Ray Data; importing the real one would import torch into
+    the driver (~1 GB of RSS), which only the actors need. Ray pickles this class by reference,
+    so the actor process imports score_stages (and torch) when it is constructed.
+    """
+
+    def __init__(self, config: ScoringConfig) -> None:
+        from pipeline.score_stages import ScoringActor as Model
+
+        self.model = Model(config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.model(batch)
 
 
 def build_dataset(
     blocks: list[pa.Table],
     read: ReadConfig,
     decode: DecodeConfig,
-    scoring: Any,  # score_stages.ScoringConfig (not imported here: that module imports torch)
+    scoring: ScoringConfig,
     plan: ResourcePlan,
     batch_size: int,
 ) -> Any:
     """blocks -> read -> decode (tasks, torch-free) -> ScoringActor pool; not yet executed."""
     import ray
     from ray.data import ActorPoolStrategy
-
-    from pipeline.score_stages import ScoringActor
 
     # Equal remote args would let Ray fuse decoding into the actors; the memory reservation
     # (which the actors do not declare) keeps the stages apart, see pipeline.resources.

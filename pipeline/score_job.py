@@ -2,13 +2,9 @@
 
 The driver does what must happen exactly once: resolve the listing into fixed shards, pin each
 product line's LATEST model version, skip shards an earlier attempt of the same run committed,
-and write each finished shard and, last, the run record. Ray Data does the per-image work,
-streaming, so memory is bounded by the blocks in flight, not by the number of images.
-
-Why the driver writes the Parquet files (from ``iter_batches``) instead of ``write_parquet``:
-a shard's file name must be deterministic and its commit marker must follow the complete file,
-which is what makes reruns idempotent and interrupted runs resumable (see pipeline.outputs).
-Score rows are small (images and masks never reach the driver), so this is not a bottleneck.
+and write each finished shard and, last, the run record. Ray Data does the per-image work
+(pipeline.score_execute), streaming, so memory is bounded by the blocks in flight, not by the
+number of images. The configuration and typed results live in pipeline.score_types.
 """
 
 from __future__ import annotations
@@ -16,137 +12,35 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from dfr_core.artifact import ArtifactError, calibration_of, load_head, read_metadata
-from dfr_core.decode import DEFAULT_MAX_PIXELS
-from pipeline import drift_io, outputs, registry, storage
+from dfr_core.artifact_meta import ArtifactError, read_metadata
+from pipeline import drift_io, outputs, registry, score_execute, storage
 from pipeline import listing as listing_mod
-from pipeline.drift import DriftConfig, LineDrift
-from pipeline.image_sets import canonical_uri
-from pipeline.io_stages import DecodeConfig, ReadConfig
+from pipeline.drift import LineDrift
 from pipeline.listing import Listing
-from pipeline.ray_runtime import ensure_ray
-from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.run_lease import RunLease
-from pipeline.score_graph import build_dataset
+from pipeline.score_execute import (  # noqa: F401 - re-exported: callers use them from here
+    MAX_BLOCK_ROWS,
+    WAVE_ROWS,
+    apply_model_errors,
+    resource_request,
+    wave_blocks,
+    waves,
+)
 from pipeline.score_resume import score_pending, tidy_committed
-from pipeline.score_stages import ScoringConfig
+from pipeline.score_types import (  # noqa: F401 - re-exported: callers use them from here
+    DEFAULT_CACHE_DIR,
+    EmptyInput,
+    LineModel,
+    RunInterrupted,
+    ScoreJobConfig,
+    ShardCountError,
+)
 from pipeline.storage import StorageOptions
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
-#: Input block size in batches: small enough to spread decoding, large enough to keep the
-#: number of objects the driver puts into the object store modest.
-BLOCK_BATCHES = 4
-
-
-class RunInterrupted(RuntimeError):
-    """Raised when ``stop_after_shards`` stops a run on purpose (tests, controlled drains)."""
-
-
-class ShardCountError(RuntimeError):
-    """Ray Data returned a different number of rows for a shard than the listing holds."""
-
-
-class EmptyInput(RuntimeError):
-    """The input lists no image (and ``allow_empty`` is off): an upstream export likely broke."""
-
-
-@dataclass(frozen=True)
-class ScoreJobConfig:
-    """Everything one scoring run needs; the CLI and the nightly job build one of these."""
-
-    models_uri: str
-    input_uri: str
-    output_uri: str
-    run_date: str  # YYYY-MM-DD: the partition the run writes
-    run_id: str | None = None  # None: derived from the date and the run's content
-    products: tuple[str, ...] = ()  # empty: every product line in the input
-    batch_size: int = 32
-    # Resources: None sizes the figure from the cluster (pipeline.resources.plan_resources).
-    min_actors: int | None = None
-    max_actors: int | None = None
-    cpus_per_actor: float | None = None
-    gpus_per_actor: float | None = None
-    decode_cpus: float | None = None  # per read/decode task
-    read_threads: int = 16  # concurrent object reads per read task (S3 is latency bound)
-    torch_threads: int | None = None  # intra-op threads per actor
-    masks: str = "anomalous"  # which ok rows get a mask: anomalous | all | none
-    heatmaps: bool = False  # also write a colour heatmap beside each mask
-    shard_size: int = 1000  # rows per committed output file
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = 256 * 2**20
-    max_error_fraction: float = 0.1  # above this the run is committed but reported as failed
-    cache_dir: str = DEFAULT_CACHE_DIR  # local model/weights cache (driver and actors)
-    address: str | None = None  # Ray cluster (pipeline.ray_runtime); None: a private local one
-    quiet: bool = False
-    storage: StorageOptions | None = None  # None: from the environment
-    #: An input that lists no image commits an empty run instead of failing (nightly configs
-    #: of lines that may have no images some days).
-    allow_empty: bool = False
-    #: Test/ops knob: stop (RunInterrupted) after committing this many shards.
-    stop_after_shards: int | None = None
-    drift_level: float = 0.001  # significance level of the drift tests (pipeline.drift)
-    drift_min_images: int = 20  # fewer ok rows in a line: never drifted
-
-    @property
-    def drift(self) -> DriftConfig:
-        return DriftConfig(level=self.drift_level, min_images=self.drift_min_images)
-
-    def __post_init__(self) -> None:
-        outputs.check_run_date(self.run_date)
-        if self.run_id is not None:
-            storage.safe_component(self.run_id, "run id")
-        object.__setattr__(self, "products", tuple(self.products))
-        for line in self.products:
-            storage.safe_component(line, "product line")
-        if self.masks not in outputs.MASK_MODES:
-            raise ValueError(f"masks must be one of {outputs.MASK_MODES}, got {self.masks!r}")
-        for name in ("batch_size", "read_threads", "shard_size", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("min_actors", "max_actors", "torch_threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (
-            self.min_actors is not None
-            and self.max_actors is not None
-            and self.max_actors < self.min_actors
-        ):
-            raise ValueError(f"max_actors {self.max_actors} < min_actors {self.min_actors}")
-        for name in ("cpus_per_actor", "gpus_per_actor"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.decode_cpus is not None and self.decode_cpus <= 0:
-            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.stop_after_shards is not None and self.stop_after_shards < 1:
-            raise ValueError("stop_after_shards must be >= 1")
-        self.drift  # noqa: B018  (validates the drift settings)
-
-
-@dataclass(frozen=True)
-class LineModel:
-    """A product line's pinned model, or why its images cannot be scored."""
-
-    product_line: str
-    version: str | None
-    image_size: int | None
-    error_reason: str | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,11 +111,17 @@ class ScoreSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) -> LineModel:
+def resolve_model(
+    config: ScoreJobConfig, line: str, options: StorageOptions, check_head: bool = True
+) -> LineModel:
     """Pin ``line``'s LATEST version and check it can score, once, before any Ray work.
 
-    Checking here (metadata, calibration, head checksum, weights) turns a broken model into
-    ``model_error`` rows for its line instead of a failure inside every actor.
+    Checking here (registry, checksums of every file, metadata, calibration, weights) turns a
+    broken model into ``model_error`` rows for its line instead of a failure inside every
+    actor. ``check_head`` also loads the head (and validates the calibration), which needs
+    torch: the scoring job passes False so that its driver never imports torch (~1 GB of RSS);
+    the actors then load the head the same way (dfr_core.artifact.load_head, weights_only) and
+    turn a head that fails to load into ``model_error`` rows of its line.
     """
     try:
         version = registry.latest_version(config.models_uri, line, options)
@@ -234,8 +134,12 @@ def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) ->
     try:
         directory = registry.fetch(config.models_uri, line, version, config.cache_dir, options)
         meta = read_metadata(directory)
-        load_head(directory, meta)
-        if calibration_of(meta) is None:
+        if check_head:
+            from dfr_core.artifact import calibration_of, load_head
+
+            load_head(directory, meta)
+            calibration_of(meta)
+        if not meta.get("calibration"):
             raise ArtifactError("the model has no calibration (no thresholds)")
         if meta["backbone"].get("weights_sha256") is None:
             raise ArtifactError(
@@ -247,25 +151,6 @@ def resolve_model(config: ScoreJobConfig, line: str, options: StorageOptions) ->
         message = f"model {line}/{version}: {type(exc).__name__}: {exc}"
         return LineModel(line, version, None, "model_error", storage.redact(message))
     return LineModel(line, version, image_size)
-
-
-def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Table:
-    """Rows of lines without a usable model become error rows (their bytes are never read).
-
-    Vectorised per broken line (a handful), so it costs no Python object per row.
-    """
-    status, reasons, errors = (table.column(n) for n in ("status", "error_reason", "error"))
-    for line, model in sorted(models.items()):
-        if model.error_reason is None:
-            continue
-        hit = pc.and_(pc.equal(table.column("product_line"), line), pc.equal(status, "ok"))
-        status = pc.if_else(hit, pa.scalar("error"), status)
-        reasons = pc.if_else(hit, pa.scalar(model.error_reason), reasons)
-        errors = pc.if_else(hit, pa.scalar(f"{model.error_reason}: {model.error}"), errors)
-    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
-        index = table.schema.get_field_index(name)
-        table = table.set_column(index, table.schema.field(name), values)
-    return table
 
 
 def run_identity(
@@ -287,170 +172,6 @@ def run_identity(
     return run_id, hashlib.sha256(f"{run_id}\0{digest}".encode()).hexdigest()[:16]
 
 
-def shard_slices(table: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
-    """{(line, shard): (offset, length)}: shards are contiguous in the sorted listing."""
-    n = table.num_rows
-    if n == 0:
-        return {}
-    encoded = pc.dictionary_encode(table.column("product_line")).combine_chunks()
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    shards = table.column("shard").to_numpy()
-    starts = np.flatnonzero(
-        np.concatenate([[True], (codes[1:] != codes[:-1]) | (shards[1:] != shards[:-1])])
-    )
-    lengths = np.diff(np.append(starts, n))
-    names = encoded.dictionary.to_pylist()
-    return {
-        (names[codes[i]], int(shards[i])): (int(i), int(length))
-        for i, length in zip(starts, lengths, strict=True)
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Execution (Ray Data)
-# --------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Collects scored rows per shard (Ray returns them in any order) and commits each shard as
-    soon as all its rows have arrived; only shards in flight are buffered."""
-
-    def __init__(
-        self,
-        config: ScoreJobConfig,
-        run_key: str,
-        expected: dict[tuple[str, int], int],
-        options: StorageOptions,
-    ) -> None:
-        self.config = config
-        self.run_key = run_key
-        self.expected = expected
-        self.options = options
-        self.buffers: dict[tuple[str, int], list[pa.Table]] = {}
-        self.received: dict[tuple[str, int], int] = {}
-        self.markers: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def add(self, batch: pa.Table) -> None:
-        keys = list(
-            zip(
-                batch.column("product_line").to_pylist(),
-                batch.column("shard").to_pylist(),
-                strict=True,
-            )
-        )
-        positions: dict[tuple[str, int], list[int]] = {}
-        for i, key in enumerate(keys):
-            positions.setdefault(key, []).append(i)
-        for key, rows in positions.items():
-            if key not in self.expected or key in self.markers:
-                raise ShardCountError(f"unexpected rows for shard {key}")
-            self.buffers.setdefault(key, []).append(batch.take(rows))
-            self.received[key] = self.received.get(key, 0) + len(rows)
-            if self.received[key] > self.expected[key]:
-                raise ShardCountError(f"shard {key}: more rows than the listing holds")
-            if self.received[key] == self.expected[key]:
-                self._commit(key)
-
-    def _commit(self, key: tuple[str, int]) -> None:
-        table = pa.concat_tables(self.buffers.pop(key))
-        line, shard = key
-        self.markers[key] = outputs.write_shard(
-            self.config.output_uri,
-            self.config.run_date,
-            self.run_key,
-            line,
-            shard,
-            table,
-            self.options,
-        )
-        limit = self.config.stop_after_shards
-        if limit is not None and len(self.markers) >= limit:
-            raise RunInterrupted(f"stopped after {len(self.markers)} committed shards")
-
-    def check_complete(self) -> None:
-        missing = {k: self.received.get(k, 0) for k in self.expected if k not in self.markers}
-        if missing:
-            raise ShardCountError(f"rows missing from shards (key: rows received): {missing}")
-
-
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; True when this call started it."""
-    return ensure_ray(address)  # --address: pipeline.ray_runtime
-
-
-def resource_request(config: ScoreJobConfig) -> ResourceRequest:
-    """The figures the user gave (None: sized from the cluster)."""
-    return ResourceRequest(
-        min_actors=config.min_actors,
-        max_actors=config.max_actors,
-        cpus_per_actor=config.cpus_per_actor,
-        gpus_per_actor=config.gpus_per_actor,
-        decode_cpus=config.decode_cpus,
-        torch_threads=config.torch_threads,
-    )
-
-
-def _execute(
-    config: ScoreJobConfig,
-    table: pa.Table,
-    pending: dict[tuple[str, int], tuple[int, int]],
-    models: dict[str, LineModel],
-    run_id: str,
-    run_key: str,
-    options: StorageOptions,
-) -> dict[tuple[str, int], dict[str, Any]]:
-    """Score the pending shards through Ray Data; returns the markers of the shards committed."""
-    import ray
-    from ray.data import DataContext
-
-    started = _ensure_ray(config.address)
-    try:
-        context = DataContext.get_current()
-        context.enable_progress_bars = not config.quiet
-        if config.quiet:
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
-            # about exactly that is noise the user cannot act on.
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        # Blocks of a few batches (not whole shards), so a small run still spreads its decoding
-        # over several tasks; rows carry their shard id, so blocks need not align with shards.
-        step = BLOCK_BATCHES * config.batch_size
-        blocks = [
-            table.slice(start, min(step, offset + length - start))
-            for offset, length in pending.values()
-            for start in range(offset, offset + length, step)
-        ]
-        usable = {line: m for line, m in models.items() if m.error_reason is None}
-        read = ReadConfig(options, config.read_threads, config.max_bytes)
-        decode = DecodeConfig({line: m.image_size for line, m in usable.items()}, config.max_pixels)
-        scoring = ScoringConfig(
-            models_uri=config.models_uri,
-            models={line: m.version for line, m in usable.items()},
-            cache_dir=config.cache_dir,
-            options=options,
-            output_uri=config.output_uri,
-            run_date=config.run_date,
-            run_id=run_id,
-            masks=config.masks,
-            heatmaps=config.heatmaps,
-            torch_threads=config.torch_threads,
-            write_threads=8,
-        )
-        plan = plan_resources(resource_request(config), ClusterShape.from_ray(), config.max_pixels)
-        scoring = replace(scoring, torch_threads=plan.torch_threads)
-        if not config.quiet:
-            print(f"resources: {plan.describe()}", file=sys.stderr)
-        ds = build_dataset(blocks, read, decode, scoring, plan, config.batch_size)
-        writer = ShardWriter(config, run_key, {k: n for k, (_, n) in pending.items()}, options)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer.add(batch)
-        writer.check_complete()
-        return writer.markers
-    finally:
-        if started:
-            ray.shutdown()
-
-
 # --------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------
@@ -460,9 +181,9 @@ def _canonical(config: ScoreJobConfig, options: StorageOptions) -> ScoreJobConfi
     """Absolute URIs, so Ray workers with another working directory agree with the driver."""
     return replace(
         config,
-        models_uri=canonical_uri(config.models_uri, options),
-        input_uri=canonical_uri(config.input_uri, options),
-        output_uri=canonical_uri(config.output_uri, options),
+        models_uri=storage.canonical_uri(config.models_uri, options),
+        input_uri=storage.canonical_uri(config.input_uri, options),
+        output_uri=storage.canonical_uri(config.output_uri, options),
         cache_dir=os.path.abspath(os.path.expanduser(config.cache_dir)),
         storage=options,
     )
@@ -494,7 +215,7 @@ def _record(
             "uri": config.input_uri,
             "source": listing.source,
             "fingerprint": listing.fingerprint,
-            "rows": listing.table.num_rows,
+            "rows": listing.num_rows,
         },
         "models_uri": config.models_uri,
         "models": {line: m.version for line, m in sorted(models.items())},
@@ -521,9 +242,25 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     listing = listing_mod.load_listing(
         config.input_uri, config.products, config.shard_size, options
     )
+    try:
+        return _run(config, listing, options, t0, started_at)
+    finally:
+        listing.close()  # its spill files, if the listing was large
+
+
+def _run(
+    config: ScoreJobConfig,
+    listing: Listing,
+    options: StorageOptions,
+    t0: float,
+    started_at: dt.datetime,
+) -> ScoreSummary:
+    """The job once the listing is resolved (run_score_job closes the listing after it)."""
     t_listing = time.perf_counter()
-    models = {line: resolve_model(config, line, options) for line in listing.product_lines}
-    table = apply_model_errors(listing.table, models)
+    models = {
+        line: resolve_model(config, line, options, check_head=False)
+        for line in listing.product_lines
+    }
     run_id, run_key = run_identity(config, listing, models)
     t_models = time.perf_counter()
     output, date = config.output_uri, config.run_date
@@ -555,7 +292,7 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             drift=drift,
         )
 
-    if table.num_rows == 0 and not config.allow_empty:
+    if listing.num_rows == 0 and not config.allow_empty:
         only = f" for product lines {', '.join(config.products)}" if config.products else ""
         raise EmptyInput(
             f"input {config.input_uri} lists no images{only}; nothing to score (pass "
@@ -589,10 +326,10 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
             return done_meanwhile
         # Temp files of killed writers of this date (we hold the lease: nobody else writes).
         outputs.clear_staging(output, date, options)
-        slices = shard_slices(table)
+        slices = listing.shards
 
         def execute(pending: dict[tuple[str, int], tuple[int, int]]) -> dict:
-            return _execute(config, table, pending, models, run_id, run_key, options)
+            return score_execute.execute(config, listing, pending, models, run_id, run_key, options)
 
         done, new = score_pending(output, date, slices, run_key, options, execute)
         t_scoring = time.perf_counter()
@@ -600,8 +337,8 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
         counts = outputs.add_counts({}, {})
         for marker in markers.values():
             counts = outputs.add_counts(counts, marker["counts"])
-        if counts["rows"] != table.num_rows:
-            raise ShardCountError(f"committed {counts['rows']} rows for {table.num_rows} inputs")
+        if counts["rows"] != listing.num_rows:
+            raise ShardCountError(f"committed {counts['rows']} rows for {listing.num_rows} inputs")
         timings = {
             "listing_s": round(t_listing - t0, 3),
             "models_s": round(t_models - t_listing, 3),
@@ -625,5 +362,5 @@ def run_score_job(config: ScoreJobConfig) -> ScoreSummary:
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["counts"]["rows"] for m in done.values())
     return summary(
-        counts, table.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
+        counts, listing.num_rows - skipped, skipped, record_uri, timings, drift=tuple(drift)
     )

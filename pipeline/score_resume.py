@@ -3,7 +3,7 @@ processes die (pipeline.score_job calls these).
 
 * A scoring actor that dies fails one Ray Data execution; the shards committed so far stay
   committed and the next execution scores only the rest (MAX_EXECUTIONS in all). This replaces
-  Ray's actor restarts, which the job turns off (see score_job._execute).
+  Ray's actor restarts, which the job turns off (see pipeline.score_graph).
 * A run killed after its run record but before its clean-up is tidied by its next invocation.
 """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,7 +47,7 @@ from pipeline.io_stages import (  # noqa: F401 - re-exported: the job and tests 
     decode_batch,
     read_batch,
 )
-from pipeline.storage import StorageOptions
+from pipeline.scoring_config import ScoringConfig  # noqa: F401 - re-exported for callers
 
 #: What the scoring stage emits: the score file columns plus the two the driver groups by.
 SCORED_SCHEMA = pa.schema(
@@ -60,21 +59,6 @@ SCORED_SCHEMA = pa.schema(
 # --------------------------------------------------------------------------------------------
 # Stage 3: scoring actors (backbone once per batch, one head per product line)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScoringConfig:
-    models_uri: str
-    models: dict[str, str]  # product line -> pinned version (resolved once by the driver)
-    cache_dir: str
-    options: StorageOptions | None
-    output_uri: str
-    run_date: str
-    run_id: str
-    masks: str  # one of outputs.MASK_MODES
-    heatmaps: bool
-    torch_threads: int | None
-    write_threads: int
 
 
 class LoadedLine(NamedTuple):

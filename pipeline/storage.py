@@ -260,6 +260,16 @@ def pyarrow_fs(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
 # --------------------------------------------------------------------------------------------
 
 
+def canonical_uri(uri: str, options: StorageOptions | None = None) -> str:
+    """The form storage.list_files returns: an absolute local path, or ``s3://bucket/key``.
+
+    Lets callers compare listed URIs with URIs they build from a user's input, whatever
+    spelling (``file://``, relative path, trailing slash) the user chose.
+    """
+    fs, path = get_fs(uri, options)
+    return path if isinstance(fs, LocalFileSystem) else f"s3://{path}"
+
+
 def safe_component(name: str, what: str = "name") -> str:
     """Validate ``name`` as a single path component and return it unchanged.
 

@@ -224,3 +224,8 @@ def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
     except (NightlyConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     execute(config, drift_exit=True)
+
+
+if __name__ == "__main__":  # the torch-free driver ``dfr-pipeline score`` re-executes as
+    # (pipeline.driver_exec)
+    click.Group("dfr-pipeline", commands=[score, nightly])(prog_name="dfr-pipeline")
