@@ -10,9 +10,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from dfr_core.decode import DEFAULT_MAX_PIXELS
 from pipeline import outputs, storage
 from pipeline.drift import DriftConfig
-from dfr_core.decode import DEFAULT_MAX_PIXELS
 from pipeline.storage import StorageOptions
 
 DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "dfr-pipeline-cache")
