@@ -7,13 +7,13 @@ process). dfr_core.artifact re-exports everything here and adds what needs torch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from dfr_core import __version__
+from dfr_core.hashing import sha256_bytes  # noqa: F401 - re-exported (dfr_core.artifact)
 
 FORMAT = "dfr-pipeline-model"
 #: 2: image score per ModelConfig.image_score / score_norm / global_weight (score-term buffers
@@ -27,10 +27,6 @@ LIBRARY_VERSION = __version__  # recorded in model.json; one copy (pyproject.tom
 
 class ArtifactError(ValueError):
     """A model directory that cannot be trusted: bad checksum, missing file, unknown format."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:

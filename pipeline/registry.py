@@ -29,7 +29,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from dfr_core.artifact_meta import CONFIG_FILE, ArtifactError, read_metadata
-from dfr_core.backbones import sha256_file
+from dfr_core.hashing import sha256_file
 from pipeline import storage
 from pipeline.run_lease import process_alive
 from pipeline.storage import StorageOptions

@@ -7,8 +7,6 @@ is recorded (model.json names the exact weights a model was built on).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dfr_core.backbones.spec import BackboneSpec
+from dfr_core.hashing import sha256_file  # noqa: F401 - re-exported (dfr_core.backbones)
 
 RANDOM_INIT = "random-init"
 
@@ -36,15 +35,6 @@ def offline_weights(spec: BackboneSpec) -> pathlib.Path | None:
         return pkg
     cached = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
     return cached if cached.is_file() else None
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, streamed (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: pathlib.Path) -> dict[str, Tensor]:
