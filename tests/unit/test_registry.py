@@ -183,6 +183,8 @@ def test_fetch_reuses_a_verified_cache_and_replaces_a_corrupt_one(
     first = fetch(models_uri, "metal", version, cache)
     with monkeypatch.context() as m:
         m.setattr(storage, "read_bytes", lambda *a, **k: pytest.fail("downloaded again"))
+        # read_text calls the io module's read_bytes directly, not the re-export above.
+        m.setattr(storage.io, "read_bytes", lambda *a, **k: pytest.fail("downloaded again"))
         assert fetch(models_uri, "metal", version, cache) == first
     (first / HEAD_FILE).write_bytes(b"tampered")
     again = fetch(models_uri, "metal", version, cache)
