@@ -1,58 +1,37 @@
 """Train one DFR model per manifest row as parallel Ray tasks and publish each to the registry.
 
 The driver validates the whole manifest first (nothing runs if any row is wrong), then submits
-one task per product line. Each task reads its images through the storage layer, fits,
-calibrates, optionally evaluates, saves an artifact and publishes it; it returns a plain result
-dict and never raises, so one failing line is reported with its error and the others go on.
+one task per product line (:func:`pipeline.train_task.train_line`, which never raises, so one
+failing line is reported with its error and the others go on).
 
 Settings precedence for image_size, epochs and backbone: manifest cell > job flag > dfr_core
 default, so a job-wide flag can be overridden for the one line that needs it.
 
-Failures: transient storage errors (connection resets, timeouts, throttling surfacing as
-OSError) are retried inside the task up to `retries` times; data errors are not, since they
-would fail again. A worker that dies (OOM-killed, node lost) is re-run by Ray up to
-`system_retries` times.
+Failures: transient storage errors are retried inside the task (see :mod:`pipeline.train_task`);
+a worker that dies (OOM-killed, node lost) is re-run by Ray up to `system_retries` times.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import numpy as np
 import ray
-import torch
 
-from dfr_core.artifact import ArtifactError, save_model
-from dfr_core.backbones import FeatureBackbone, WeightsNotFoundError, build_backbone, list_backbones
-from dfr_core.calibrate import Calibration, calibrate
-from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig, to_dict
-from dfr_core.decode import DecodeError
-from dfr_core.device import pick_device
-from dfr_core.features import FeatureExtractor
-from dfr_core.model import DFRModel
-from dfr_core.train import fit, holdout_splits
-from pipeline import drift_io, evaluation, promotion, registry, storage
-from pipeline.feedback import DEFECT, NORMAL, FeedbackRow, load_feedback
-from pipeline.image_sets import LoadedImages, load_images, resolve_images
+from dfr_core.backbones import list_backbones
+from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
+from pipeline import promotion, registry, storage
+from pipeline.feedback import load_feedback
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
 from pipeline.model_options import OPTION_NAMES, build_configs
-from pipeline.mvtec_remote import LabelledSample, LabelledSetError
-from pipeline.progress import Echo, ProgressLog, ProgressPrinter, TaskReporter
+from pipeline.progress import Echo, ProgressLog, ProgressPrinter
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import StorageOptions
+from pipeline.train_task import ERROR, OK, LineTask, train_line
 
-logger = logging.getLogger(__name__)
-
-OK = "ok"
-ERROR = "error"
 _POLL_S = 0.5
-_MAX_RETRY_DELAY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,29 +90,6 @@ class TrainJobConfig:
         build_configs({}, self.model_options, {}, {}, self.calibration)  # raises on bad values
 
 
-@dataclass(frozen=True)
-class LineTask:
-    """What one Ray task needs: plain, picklable values only (no filesystem objects)."""
-
-    row: ManifestRow
-    model: ModelConfig
-    train: TrainConfig
-    calibration: CalibrationConfig
-    models_uri: str
-    weights_uri: str | None
-    storage: StorageOptions
-    min_train_images: int
-    max_bad_fraction: float
-    retries: int
-    retry_delay_s: float
-    cache_dir: str
-    threads: int
-    feedback: tuple[FeedbackRow, ...] = ()  # this line's QA verdicts
-    feedback_uri: str | None = None
-    feedback_sha256: str | None = None
-    promotion_tolerance: float = promotion.DEFAULT_TOLERANCE
-
-
 class TrainJobResult(NamedTuple):
     """One result dict per product line, in manifest order."""
 
@@ -143,282 +99,6 @@ class TrainJobResult(NamedTuple):
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.results if r["status"] != OK]
-
-
-class LineDataError(ValueError):
-    """The data of one product line cannot be trained on (not retried)."""
-
-
-# --------------------------------------------------------------------------------------------
-# inside the task
-
-
-# One backbone per worker process, keyed by what determines its weights: a worker that trains
-# several product lines (or retries one) builds it once.
-_BACKBONES: dict[tuple[str, tuple[str, ...], str | None], FeatureBackbone] = {}
-
-
-def get_extractor(config: ModelConfig, weights_path: str | None) -> FeatureExtractor:
-    """A FeatureExtractor on this worker's cached backbone (built on first use)."""
-    key = (config.backbone, tuple(config.layers), weights_path)
-    backbone = _BACKBONES.get(key)
-    if backbone is None:
-        backbone = build_backbone(config.backbone, config.layers or None, weights_path)
-        _BACKBONES[key] = backbone
-    return FeatureExtractor(backbone, config.image_size, config.pool)
-
-
-def _check_loaded(
-    loaded: LoadedImages, column: str, uri: str, minimum: int, task: LineTask
-) -> None:
-    good, bad = len(loaded.images), len(loaded.failures)
-    total = good + bad
-    examples = "; ".join(f"{f.uri}: {f.reason}" for f in loaded.failures[:3])
-    examples = f" (e.g. {examples})" if examples else ""
-    if good < minimum:
-        raise LineDataError(
-            f"only {good} of {total} images in {column} {uri} could be decoded, at least "
-            f"{minimum} needed{examples}"
-        )
-    if total and bad / total > task.max_bad_fraction:
-        raise LineDataError(
-            f"{bad} of {total} images in {column} {uri} are unreadable, more than the "
-            f"{task.max_bad_fraction:.0%} tolerated{examples}"
-        )
-
-
-class LineImages(NamedTuple):
-    """A line's normal images by use: training, early stopping, calibration (never shared)."""
-
-    train: np.ndarray
-    early_stopping: np.ndarray
-    calibration: np.ndarray
-    holdout: dict[str, list[str]]  # which image URIs served early stopping / calibration
-    skipped: int
-
-
-def _read_split(task: LineTask, reporter: TaskReporter) -> LineImages:
-    """Training, early-stopping and calibration images: three disjoint sets.
-
-    Without val_uri the held-out slices come from train_uri (TrainConfig.val_fraction and
-    calib_fraction); with val_uri, val_uri is the calibration set and early stopping uses a
-    val_fraction slice of train_uri.
-    """
-    row, size, opts, cfg = task.row, task.model.image_size, task.storage, task.train
-    reporter.stage("reading images")
-    loaded = load_images(resolve_images(row.train_uri, opts), size, opts)
-    _check_loaded(loaded, "train_uri", row.train_uri, task.min_train_images, task)
-    skipped = len(loaded.failures)
-    uris = np.array(loaded.uris, dtype=object)
-    if row.val_uri is not None:
-        val = load_images(resolve_images(row.val_uri, opts), size, opts)
-        _check_loaded(val, "val_uri", row.val_uri, 1, task)
-        split = holdout_splits(len(loaded.images), cfg.val_fraction, 0.0, cfg.seed)
-        cal_images, cal_uris = val.images, list(val.uris)
-        skipped += len(val.failures)
-    else:
-        split = holdout_splits(len(loaded.images), cfg.val_fraction, cfg.calib_fraction, cfg.seed)
-        cal_images, cal_uris = loaded.images[split.calibration], list(uris[split.calibration])
-    holdout = {"early_stopping": list(uris[split.early_stopping]), "calibration": cal_uris}
-    return LineImages(
-        loaded.images[split.train], loaded.images[split.early_stopping], cal_images, holdout,
-        skipped,
-    )  # fmt: skip
-
-
-def _eval_samples(task: LineTask) -> list[LabelledSample]:
-    """The line's evaluation set: its test set plus the confirmed defects of QA feedback."""
-    samples = []
-    if task.row.test_uri is not None:
-        samples = evaluation.list_eval_samples(task.row.test_uri, task.row.product_line,
-                                               task.storage)  # fmt: skip
-    return samples + evaluation.feedback_samples(task.feedback)
-
-
-def _evaluate(
-    task: LineTask,
-    model: DFRModel,
-    calibration: Calibration,
-    device: torch.device,
-    samples: list[LabelledSample],
-) -> dict[str, Any]:
-    test = evaluation.load_eval_set(samples, task.model.image_size, task.storage)
-    if not len(test.images):
-        raise LineDataError(f"no readable images in test_uri {task.row.test_uri}")
-    return evaluation.evaluate_model(model, calibration, test, device)
-
-
-def _feedback_normals(task: LineTask) -> LoadedImages | None:
-    uris = [r.image_uri for r in task.feedback if r.label == NORMAL]
-    return load_images(uris, task.model.image_size, task.storage) if uris else None
-
-
-def _node_id() -> str | None:
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
-    row = task.row
-    device = pick_device()
-    split = _read_split(task, reporter)
-    train_images, n_train, skipped = split.train, len(split.train), split.skipped
-    normals = _feedback_normals(task)
-    if normals is not None:  # confirmed false positives train the model as normal images
-        train_images = np.concatenate([train_images, normals.images])
-        n_train, skipped = n_train + len(normals.images), skipped + len(normals.failures)
-    weights_path = None
-    if task.weights_uri:
-        weights_path = str(storage.copy_to_local(task.weights_uri, task.cache_dir, task.storage))
-    extractor = get_extractor(task.model, weights_path)
-    reporter.stage(f"training on {device.type}: {len(train_images)} images")
-    fitted = fit(
-        extractor, task.model, task.train, train_images, split.early_stopping, device,
-        reporter.epoch,
-    )  # fmt: skip
-    reporter.stage(f"calibrating on {len(split.calibration)} held-out images")
-    calibration = calibrate(fitted.model, split.calibration, task.calibration, device)
-    reference = drift_io.make_reference(
-        fitted.model, split.calibration, train_images, calibration, device
-    )
-    metrics: dict[str, Any] = {}
-    samples = _eval_samples(task)
-    if samples:
-        reporter.stage("evaluating")
-        metrics = _evaluate(task, fitted.model, calibration, device, samples)
-    reporter.stage("promotion gate")
-    gate = promotion.gate_candidate(
-        task.models_uri, row.product_line, metrics, samples, task.promotion_tolerance,
-        task.cache_dir, task.storage, device, get_extractor,
-    )  # fmt: skip
-    version = registry.new_version()
-    extra = {
-        "product_line": row.product_line,
-        "version": version,
-        "weights_uri": task.weights_uri,
-        "manifest_row": row.to_dict(),
-        "node_id": _node_id(),
-        "device": device.type,
-        "train_image_count": n_train,
-        "skipped_images": skipped,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "drift_reference": reference.to_dict(),
-    }
-    if task.feedback_uri is not None:
-        extra["feedback"] = {
-            "uri": task.feedback_uri,
-            "sha256": task.feedback_sha256,
-            "normals_trained": 0 if normals is None else len(normals.images),
-            "defects_evaluated": sum(r.label == DEFECT for r in task.feedback),
-        }
-    training = {
-        **fitted.summary,
-        "calibration_config": to_dict(task.calibration),
-        "holdout": split.holdout,
-    }
-    reporter.stage(f"publishing version {version}")
-    with tempfile.TemporaryDirectory(prefix="dfr-model-") as tmp:
-        save_model(fitted.model, tmp, calibration, training, metrics, extra)
-        promotion.write_decision(task.models_uri, row.product_line, version, gate, task.storage)
-        registry.publish(
-            tmp, task.models_uri, row.product_line, task.storage, version, promote=gate.promote
-        )
-    return {
-        "version": version,
-        "device": device.type,
-        "node_id": extra["node_id"],
-        "train_images": n_train,
-        "held_out_images": len(split.early_stopping) + len(split.calibration),
-        "skipped_images": skipped,
-        "latent_dim": fitted.summary["latent_dim"],
-        "epochs_run": fitted.summary["epochs_run"],
-        "image_threshold": calibration.image_threshold,
-        "pixel_threshold": calibration.pixel_threshold,
-        "metrics": metrics,
-        "promoted": gate.promote,
-        "promotion": promotion.format_comparison(gate) if not gate.promote else gate.reason,
-    }
-
-
-_PERMANENT_OS_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-
-
-# Failures whose message says everything (no traceback, no exception type in the table).
-_DATA_ERRORS = (LineDataError, LabelledSetError, ArtifactError, WeightsNotFoundError, DecodeError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: network and storage hiccups, not data or config."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, _PERMANENT_OS_ERRORS):
-        return False
-    return isinstance(exc, OSError)
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line, credential-free message for the result table."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        text = "out of GPU memory: lower image_size or raise --gpus-per-task"
-    elif isinstance(exc, MemoryError):
-        text = "out of memory: lower image_size or raise --cpus-per-task"
-    elif isinstance(exc, _DATA_ERRORS):
-        text = str(exc)
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return storage.redact(" ".join(text.split()))
-
-
-def train_line(task: LineTask, progress: Any | None = None) -> dict[str, Any]:
-    """Train, calibrate, evaluate and publish one product line; never raises.
-
-    Runs as a Ray task (see run_train_job) but is a plain function, so it can also be called
-    directly. `progress` is a ProgressLog actor handle or None.
-    """
-    torch.set_num_threads(task.threads)
-    reporter = TaskReporter(progress, task.row.product_line)
-    base = {"product_line": task.row.product_line, "line": task.row.line}
-    t0 = time.perf_counter()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            result = _train_once(task, reporter)
-        except Exception as exc:
-            if is_transient(exc) and attempt <= task.retries:
-                delay = min(task.retry_delay_s * 2 ** (attempt - 1), _MAX_RETRY_DELAY_S)
-                reporter.stage(f"transient error, retry {attempt}/{task.retries}: "
-                               f"{describe_error(exc)}")  # fmt: skip
-                time.sleep(delay)
-                continue
-            message = describe_error(exc)
-            # A traceback helps only for the unexpected; data problems are said in full.
-            logger.warning(
-                "product line %s failed: %s",
-                task.row.product_line,
-                message,
-                exc_info=not isinstance(exc, _DATA_ERRORS),
-            )
-            return {
-                **base,
-                "status": ERROR,
-                "error": message,
-                "attempts": attempt,
-                "wall_seconds": round(time.perf_counter() - t0, 2),
-            }
-        return {
-            **base,
-            **result,
-            "status": OK,
-            "error": None,
-            "attempts": attempt,
-            "wall_seconds": round(time.perf_counter() - t0, 2),
-        }
 
 
 # --------------------------------------------------------------------------------------------

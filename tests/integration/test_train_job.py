@@ -19,23 +19,15 @@ from dfr_core.datasets import list_category
 from dfr_core.datasets import load_images as load_local
 from dfr_core.evaluate import evaluate
 from dfr_core.train import EpochStats
-from pipeline import registry, storage, train_job
+from pipeline import registry, storage, train_task
 from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 from pipeline.image_sets import load_images, resolve_images
 from pipeline.manifest import ManifestError, ManifestRow
 from pipeline.mvtec_remote import load_labelled_set
 from pipeline.progress import ProgressPrinter
 from pipeline.storage import StorageOptions
-from pipeline.train_job import (
-    ERROR,
-    OK,
-    LineTask,
-    TrainJobConfig,
-    get_extractor,
-    is_transient,
-    run_train_job,
-    train_line,
-)
+from pipeline.train_job import TrainJobConfig, run_train_job
+from pipeline.train_task import ERROR, OK, LineTask, get_extractor, is_transient, train_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 SIZE = 64
@@ -263,7 +255,7 @@ def _task(tmp_path: Path, train_uri: str, retries: int = 2) -> LineTask:
 def test_transient_errors_are_retried_and_data_errors_are_not(
     tmp_path: Path, synthetic: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_job._train_once
+    real = train_task._train_once
     calls: list[int] = []
 
     def flaky(task: LineTask, reporter: object) -> dict:
@@ -272,7 +264,7 @@ def test_transient_errors_are_retried_and_data_errors_are_not(
             raise ConnectionError("connection reset by peer")
         return real(task, reporter)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(train_job, "_train_once", flaky)
+    monkeypatch.setattr(train_task, "_train_once", flaky)
     train = str(synthetic / "metal_plate" / "train" / "good")
     result = train_line(_task(tmp_path, train))
     assert (result["status"], result["attempts"], len(calls)) == (OK, 2, 2)
@@ -286,7 +278,7 @@ def test_transient_errors_are_retried_and_data_errors_are_not(
     def always_down(task: LineTask, reporter: object) -> dict:
         raise TimeoutError("read timed out")
 
-    monkeypatch.setattr(train_job, "_train_once", always_down)
+    monkeypatch.setattr(train_task, "_train_once", always_down)
     result = train_line(_task(tmp_path, train, retries=3))
     assert (result["status"], result["attempts"]) == (ERROR, 4)
     assert result["error"] == "TimeoutError: read timed out"
