@@ -1,6 +1,7 @@
-"""Connected components for the PRO metric: scipy.ndimage.label (dfr_core.metrics now) against
-another version of dfr_core/metrics.py (e.g. the hand-written run-based union-find it replaced),
-in alternating runs on the same masks; checks the region weights are identical.
+"""Connected components for the PRO metric: scipy.ndimage.label (dfr_core.pro now) against
+another version of dfr_core/metrics.py (e.g. the hand-written run-based union-find it replaced;
+the PRO code lived there before dfr_core/pro.py), in alternating runs on the same masks; checks
+the region weights are identical.
 
     git show fb65c62:dfr_core/metrics.py > /tmp/old_metrics.py
     python benchmarks/components.py /tmp/old_metrics.py
@@ -14,7 +15,7 @@ import time
 
 import numpy as np
 
-from dfr_core import metrics as current
+from dfr_core import pro as current
 
 
 def _load(path: str):
@@ -37,7 +38,7 @@ def _ground_truth(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("other", help="path of another dfr_core/metrics.py")
+    parser.add_argument("other", help="path of another dfr_core/metrics.py (or pro.py)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
