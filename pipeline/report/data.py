@@ -2,8 +2,8 @@
 
 Kept apart from the rendering (pipeline/report/page.py) so that counts, rates and the top-N choice
 can be unit-tested against hand-built Parquet without images, plots or storage. Every function
-takes the row frame the scoring job writes (see pipeline/outputs.py) and returns a new frame;
-none mutates its input.
+takes the row frame the scoring job writes (SCORE_SCHEMA in pipeline/output_layout.py) and
+returns a new frame; none mutates its input.
 
 Definitions the report states and the tests pin down:
 

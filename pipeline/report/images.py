@@ -68,7 +68,8 @@ def _load_mask(uri: str, size: tuple[int, int], options: StorageOptions | None) 
 
 def _heatmap_candidates(row: pd.Series) -> list[str]:
     """Where a heatmap may be: the row's ``heatmap_uri``, else beside the mask under either
-    naming convention (``{id}.heatmap.png`` as pipeline/outputs.py writes, ``{id}_heatmap.png``)."""
+    naming convention (``{id}.heatmap.png``, pipeline/output_layout.py's name, or
+    ``{id}_heatmap.png``)."""
     stored = row.get("heatmap_uri")
     if isinstance(stored, str) and stored:
         return [stored]
