@@ -68,17 +68,31 @@ def _port_free(port: int) -> bool:
 
 
 def _node_ports() -> list[str]:
-    """Distinct ports for everything a node listens on (defaults would collide on one host)."""
+    """Distinct ports for everything a node listens on (defaults would collide on one host).
+
+    The workers' range is free when chosen, so the OS may hand out one of its ports as the
+    next ephemeral one: single ports are drawn outside the range and never twice (Ray refuses
+    to start a node whose components share a port).
+    """
     low, high = _free_range()
+    taken: set[int] = set()
+
+    def single() -> int:
+        while True:
+            port = free_port()
+            if not low <= port <= high and port not in taken:
+                taken.add(port)
+                return port
+
     return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
+        f"--node-manager-port={single()}",
+        f"--object-manager-port={single()}",
         f"--min-worker-port={low}",
         f"--max-worker-port={high}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={single()}",
+        f"--dashboard-agent-grpc-port={single()}",
+        f"--runtime-env-agent-port={single()}",
+        f"--metrics-export-port={single()}",
     ]
 
 
