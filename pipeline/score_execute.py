@@ -174,11 +174,6 @@ class ShardWriter:
             raise ShardCountError(f"rows missing from shards (key: rows received): {missing}")
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; True when this call started it."""
-    return ensure_ray(address)  # --address: pipeline.ray_runtime
-
-
 def resource_request(config: ScoreJobConfig) -> ResourceRequest:
     """The figures the user gave (None: sized from the cluster)."""
     return ResourceRequest(
@@ -205,7 +200,7 @@ def execute(
     import ray
     from ray.data import DataContext
 
-    started = _ensure_ray(config.address)
+    started = ensure_ray(config.address)  # --address: pipeline.ray_runtime
     try:
         context = DataContext.get_current()
         context.enable_progress_bars = not config.quiet
