@@ -37,6 +37,12 @@ if str(_REPO_ROOT) not in sys.path:
 # Ray: no auth prompts, no usage-stats phone-home.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts its workers at niceness 15 (raylet's worker_niceness), so any ordinary process
+# that keeps the cores busy gets ~28x their CPU share: under two busy loops a scoring actor
+# spent minutes importing torch and fixtures hit the 600 s timeout. Tests must pass on a busy
+# machine, so workers compete as equals; raylets started by ray.init, `ray start` and the CLI
+# subprocesses all inherit this.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 # AWS: fake credentials, forced (not setdefault) so a developer's real keys, profile or config
 # files can never be picked up; no EC2 metadata probing (slow, and a credential source).
