@@ -1,9 +1,10 @@
 """Cheap per-image input statistics for the drift watch: brightness, contrast, sharpness.
 
-Computed on the resized (S, S, 3) uint8 image the model sees, by the scoring job's decode stage
-(one row each, stored in the score table) and by training on the line's normal images (the
-reference stored in model.json), so both sides measure exactly the same thing. A new lighting
-rig moves brightness/contrast, a defocused camera moves sharpness, before any score moves.
+Computed on the resized (S, S, 3) uint8 image the model sees (pooled over its tiles for a tiled
+model, see tiles_stats), by the scoring job's decode stage (one row each, stored in the score
+table) and by training on the line's normal images (the reference stored in model.json), so
+both sides measure exactly the same thing. A new lighting rig moves brightness/contrast, a
+defocused camera moves sharpness, before any score moves.
 """
 
 from __future__ import annotations
@@ -32,3 +33,17 @@ def batch_stats(images: np.ndarray) -> dict[str, list[float]]:
     """{name: values} for (N, S, S, 3) uint8 images (the training-side reference)."""
     values = [image_stats(image) for image in images]
     return {name: [v[k] for v in values] for k, name in enumerate(STAT_NAMES)}
+
+
+def tiles_stats(tiles: np.ndarray) -> tuple[float, float, float]:
+    """image_stats of one image given as its model inputs (N, h, w, 3): one input (an untiled
+    model) is exactly image_stats; several tiles pool their pixels (equal sizes: the mean of
+    the means, the pooled standard deviation, the mean sharpness), so no seam between two
+    tiles counts as an edge. Overlapping pixels count once per tile that holds them."""
+    if len(tiles) == 1:
+        return image_stats(tiles[0])
+    per_tile = np.array([image_stats(tile) for tile in tiles], dtype=np.float64)
+    means, stds, sharpness = per_tile[:, 0], per_tile[:, 1], per_tile[:, 2]
+    mean = float(means.mean())
+    variance = float((stds**2 + means**2).mean()) - mean**2
+    return mean, float(np.sqrt(max(variance, 0.0))), float(sharpness.mean())

@@ -1,9 +1,10 @@
-"""The torch-free stages of the scoring job: read bytes, decode + resize.
+"""The torch-free stages of the scoring job: read bytes, decode + the model's geometry.
 
 They run in plain Ray Data tasks, never in the scoring actors (see score_job's resource
 sizing), and import neither torch nor anything that does: importing the CUDA torch build costs
 about 1 GB of RSS per worker (`tests/unit/test_io_stages.py` checks this in a subprocess).
-Resizing is `dfr_core.resize` (numpy), the same pixels as the model's own preprocessing.
+The model inputs come from `dfr_core.geometry.prepare_image` (numpy): the image resized to the
+model's input size, or cut into the tiles of a tiled model, the same pixels as training saw.
 
 Every stage takes and returns a pyarrow table with the listing's columns (see score_stages); a
 row already in error passes through untouched and a failure of one row becomes that row's error.
@@ -11,28 +12,42 @@ row already in error passes through untouched and a failure of one row becomes t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
-from dfr_core.decode import DecodeError, decode_resized
+from dfr_core.config import ModelConfig
+from dfr_core.decode import DecodeError, DecodeReason, decode_image, header_size
+from dfr_core.geometry import GeometryError, TilePlan, plan_tiles, prepare_image
 from pipeline import storage
-from pipeline.input_stats import STAT_NAMES, image_stats
+from pipeline.input_stats import STAT_NAMES, tiles_stats
 from pipeline.storage import StorageOptions
 
 #: Columns added by the stages, in order of appearance.
 READ_COLUMNS = pa.schema([pa.field("data", pa.large_binary())])
+#: An ok row carries its image's model inputs and their dfr_core.geometry.TilePlan: an untiled
+#: model has one tile (the image resized to its input size, as before tiling existed).
 DECODE_COLUMNS = pa.schema(
     [
-        pa.field("width", pa.int32()),
+        pa.field("width", pa.int32()),  # the original image (after EXIF orientation)
         pa.field("height", pa.int32()),
-        pa.field("pixels", pa.large_binary()),  # resized (S, S, 3) uint8, C order
-        pa.field("size", pa.int32()),
+        pa.field("pixels", pa.large_binary()),  # (tiles, tile_height, tile_width, 3) uint8, C order
+        pa.field("tiles", pa.int32()),
+        pa.field("tile_height", pa.int32()),  # the model input's size
+        pa.field("tile_width", pa.int32()),
+        pa.field("map_height", pa.int32()),  # the stitched anomaly map's size
+        pa.field("map_width", pa.int32()),
+        pa.field("origins", pa.list_(pa.int32())),  # top0, left0, top1, left1, ... in the map
         *(pa.field(name, pa.float64()) for name in STAT_NAMES),
     ]
 )
+_PLAN_NAMES = (
+    "tiles", "tile_height", "tile_width", "map_height", "map_width", "origins", "height", "width",
+)  # fmt: skip
 
 
 class RowError(NamedTuple):
@@ -126,44 +141,125 @@ def read_batch(batch: pa.Table, config: ReadConfig) -> pa.Table:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 2: decode + RGB + resize (CPU)
+# Stage 2: decode + RGB + the model's geometry (resize, or tiles) (CPU)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    image_sizes: dict[str, int]  # product line -> its model's input size
+    """Per product line, its model's geometry (a ModelConfig: image_size, tile, ...).
+
+    An int stands for a square untiled model of that input size (the geometry of every model
+    written before issue 12), so a caller that only knows a size need not build a ModelConfig.
+    """
+
+    geometry: Mapping[str, ModelConfig | int]
     max_pixels: int
+
+    def __post_init__(self) -> None:
+        normalised = {
+            line: g if isinstance(g, ModelConfig) else ModelConfig(image_size=int(g))
+            for line, g in self.geometry.items()
+        }
+        object.__setattr__(self, "geometry", normalised)
+
+
+class Prepared(NamedTuple):
+    """One image as the scoring actor takes it: its model inputs and where they sit."""
+
+    tiles: np.ndarray  # (N, th, tw, 3) uint8
+    plan: TilePlan
+
+
+def _refuse_by_header(data: bytes, geometry: ModelConfig, max_pixels: int) -> None:
+    """Raise GeometryError from the header's size alone, before any pixel is decoded, so an
+    image beyond ``max_tiles`` never allocates its pixels or tiles. An image over the pixel cap
+    (or a header that cannot tell its size) is left to decode_image, which names that."""
+    hw = header_size(data)
+    if hw is not None and hw[0] * hw[1] <= max_pixels:
+        plan_tiles(geometry, *hw)
+
+
+def prepare_one(data: bytes, geometry: ModelConfig, max_pixels: int) -> Prepared:
+    """Bytes -> the model inputs of one image (dfr_core.geometry.prepare_image, THE
+    preprocessing of training and calibration). Raises DecodeError or GeometryError."""
+    _refuse_by_header(data, geometry, max_pixels)
+    array = decode_image(data, max_pixels)
+    try:
+        tiles, plan = prepare_image(geometry, array)
+    except GeometryError:
+        raise
+    except ValueError as exc:  # decoded, but not an image layout the model can take
+        raise DecodeError(DecodeReason.UNSUPPORTED_FORMAT, str(exc)) from exc
+    return Prepared(tiles, plan)
+
+
+def _failure(exc: DecodeError | GeometryError) -> RowError:
+    if isinstance(exc, DecodeError):
+        return RowError(str(exc.reason), exc.message)
+    return RowError(str(exc.reason), str(exc))
 
 
 def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
-    """Replace ``data`` by the original size and the resized RGB pixels of each image."""
+    """Replace ``data`` by the original size, the model inputs (tiles) and their plan."""
     data = batch.column("data").to_pylist()
     lines = batch.column("product_line").to_pylist()
     status = batch.column("status").to_pylist()
-    n = batch.num_rows
-    widths: list[int | None] = [None] * n
-    heights: list[int | None] = [None] * n
-    pixels: list[bytes | None] = [None] * n
-    sizes: list[int | None] = [None] * n
-    stats: list[tuple[float, ...] | None] = [None] * n
+    columns: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in DECODE_COLUMNS}
     failures: dict[int, RowError] = {}
-    for i in range(n):
+    for i in range(batch.num_rows):
         if status[i] != "ok":
             continue
-        size = config.image_sizes[lines[i]]
         try:
-            decoded = decode_resized(data[i], size, config.max_pixels)
-        except DecodeError as exc:
-            failures[i] = RowError(exc.reason, exc.message)
+            prepared = prepare_one(data[i], config.geometry[lines[i]], config.max_pixels)
+        except (DecodeError, GeometryError) as exc:
+            failures[i] = _failure(exc)
             continue
-        heights[i], widths[i] = decoded.height, decoded.width
-        pixels[i], sizes[i] = decoded.pixels.tobytes(), size
-        stats[i] = image_stats(decoded.pixels)
+        data[i] = None  # the encoded bytes are no longer needed: free them as we go
+        for name, value in plan_columns(prepared).items():
+            columns[name][i] = value
     batch = _set_errors(batch.drop_columns(["data"]), failures)
-    columns = {"width": widths, "height": heights, "pixels": pixels, "size": sizes}
-    for k, name in enumerate(STAT_NAMES):
-        columns[name] = [None if s is None else s[k] for s in stats]
     for field in DECODE_COLUMNS:
         batch = batch.append_column(field, pa.array(columns[field.name], field.type))
     return batch
+
+
+def plan_columns(prepared: Prepared) -> dict[str, Any]:
+    """One ok row's decode columns (see DECODE_COLUMNS)."""
+    tiles, plan = prepared
+    stats = tiles_stats(tiles)
+    return {
+        "width": plan.width,
+        "height": plan.height,
+        "pixels": tiles.tobytes(),
+        "tiles": plan.n_tiles,
+        "tile_height": plan.tile_hw[0],
+        "tile_width": plan.tile_hw[1],
+        "map_height": plan.map_hw[0],
+        "map_width": plan.map_hw[1],
+        "origins": plan.origins.reshape(-1).tolist(),
+        **dict(zip(STAT_NAMES, stats, strict=True)),
+    }
+
+
+def prepared_rows(batch: pa.Table) -> dict[int, Prepared]:
+    """The ok rows' tiles and plans, rebuilt from their decode columns (the scoring actor's side
+    of plan_columns; the tiles are read-only views of the batch's buffers, not copies)."""
+    status = batch.column("status").to_pylist()
+    col = {name: batch.column(name).to_pylist() for name in _PLAN_NAMES}
+    pixels = batch.column("pixels")
+    out: dict[int, Prepared] = {}
+    for i, state in enumerate(status):
+        if state != "ok":
+            continue
+        n, th, tw = col["tiles"][i], col["tile_height"][i], col["tile_width"][i]
+        tiles = np.frombuffer(pixels[i].as_buffer(), np.uint8).reshape(n, th, tw, 3)
+        plan = TilePlan(
+            col["height"][i],
+            col["width"][i],
+            (col["map_height"][i], col["map_width"][i]),
+            np.asarray(col["origins"][i], dtype=np.int64).reshape(n, 2),
+            (th, tw),
+        )
+        out[i] = Prepared(tiles, plan)
+    return out

@@ -211,7 +211,7 @@ def execute(
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         usable = {line: m for line, m in models.items() if m.error_reason is None}
         read = ReadConfig(options, config.read_threads, config.max_bytes)
-        decode = DecodeConfig({line: m.image_size for line, m in usable.items()}, config.max_pixels)
+        decode = DecodeConfig({line: m.geometry for line, m in usable.items()}, config.max_pixels)
         scoring = ScoringConfig(
             models_uri=config.models_uri,
             models={line: m.version for line, m in usable.items()},
@@ -224,6 +224,7 @@ def execute(
             heatmaps=config.heatmaps,
             torch_threads=config.torch_threads,
             write_threads=8,
+            tile_batch=config.batch_size,
         )
         plan = plan_resources(resource_request(config), ClusterShape.from_ray(), config.max_pixels)
         scoring = replace(scoring, torch_threads=plan.torch_threads)

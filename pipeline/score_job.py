@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from dfr_core.artifact_meta import ArtifactError, read_metadata
+from dfr_core.artifact_meta import ArtifactError, model_config_of, read_metadata
 from pipeline import drift_io, outputs, registry, score_execute, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import LineDrift
@@ -146,11 +146,11 @@ def resolve_model(
                 "trained on a random-init backbone, which cannot be rebuilt identically"
             )
         registry.resolve_weights(meta, config.cache_dir, options)
-        image_size = int(meta["model_config"]["image_size"])
+        geometry = model_config_of(meta)  # image_size / tile ...: what the decode stage cuts
     except (ArtifactError, OSError, ValueError, KeyError) as exc:
         message = f"model {line}/{version}: {type(exc).__name__}: {exc}"
         return LineModel(line, version, None, "model_error", storage.redact(message))
-    return LineModel(line, version, image_size)
+    return LineModel(line, version, geometry)
 
 
 def run_identity(

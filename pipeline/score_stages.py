@@ -1,4 +1,4 @@
-"""The Ray Data stages of the scoring job: read bytes, decode+resize (pipeline.io_stages,
+"""The Ray Data stages of the scoring job: read bytes, decode + geometry (pipeline.io_stages,
 torch-free), score (here).
 
 Every stage takes and returns a pyarrow table with the listing's columns (``image_id``,
@@ -8,14 +8,15 @@ untouched, and a failure of one row (missing object, corrupt file, broken model)
 row into an error row: bad input is data, never a crash of the job.
 
 Reading and decoding are separate stages so that decoding (CPU) never runs in the scoring actors
-(which may hold a GPU), and so that rows reach the actors already resized to their model's input
-size, shipping S*S*3 bytes per image instead of the original file.
+(which may hold a GPU), and so that rows reach the actors already as their model's inputs (the
+image resized to the input size, or its tiles), never as the original file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,9 +32,11 @@ from dfr_core.artifact import (
     read_metadata,
 )
 from dfr_core.calibrate import Calibration
+from dfr_core.config import ModelConfig
 from dfr_core.device import pick_device, prepare_for_device
+from dfr_core.fastpath import RegionalMaps
 from dfr_core.features import FeatureExtractor
-from dfr_core.inference import extract, head_output, to_model_input
+from dfr_core.inference import extract, score_images, to_model_input
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
 from pipeline import outputs, registry, storage
@@ -41,10 +44,12 @@ from pipeline.io_stages import (  # noqa: F401 - re-exported: the job and tests 
     DECODE_COLUMNS,
     READ_COLUMNS,
     DecodeConfig,
+    Prepared,
     ReadConfig,
     RowError,
     _set_errors,
     decode_batch,
+    prepared_rows,
     read_batch,
 )
 from pipeline.scoring_config import ScoringConfig  # noqa: F401 - re-exported for callers
@@ -69,14 +74,15 @@ class LoadedLine(NamedTuple):
     calibration: Calibration
     extractor_key: tuple[Any, ...]
     precision: PrecisionSpec  # the calibration's: the backbone and head run at exactly this
+    geometry: ModelConfig  # image_size / tile / ...: how its masks go back to the original size
 
 
 class Scored(NamedTuple):
-    """One row's result: the anomaly map (S, S, on the actor's device) and what it yields."""
+    """One row's result: the stitched anomaly map (map_hw, fp32, CPU) and what it yields."""
 
     model: LoadedLine
     anomaly_map: torch.Tensor
-    score: float  # the model's image score (dfr_core AnomalyOutput.score)
+    score: float  # the model's image score (dfr_core ImageOutput.score)
     max_score: float  # the raw max of the map (the `score` column)
     defect_area_fraction: float
 
@@ -94,6 +100,8 @@ RESULT_COLUMNS = (
     "heatmap_uri",
 )
 
+Group = tuple[tuple[Any, ...], PrecisionSpec]
+
 
 def extractor_key(meta: dict[str, Any]) -> tuple[Any, ...]:
     """Models with equal keys share one extractor (and one backbone forward per batch)."""
@@ -102,7 +110,7 @@ def extractor_key(meta: dict[str, Any]) -> tuple[Any, ...]:
     return (
         backbone["name"],
         tuple(backbone["layers"]),
-        config.image_size,
+        config.input_hw,
         config.pool,
         backbone.get("weights_sha256"),
     )
@@ -115,12 +123,47 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def image_chunks(rows: list[int], prepared: dict[int, Prepared], tiles: int) -> list[list[int]]:
+    """Rows packed, in order, into chunks of at most ``tiles`` model inputs; an image is never
+    split, so one with more tiles than that (up to its model's max_tiles) is a chunk alone.
+    This is what bounds an actor's memory: one chunk's backbone maps at a time."""
+    chunks: list[list[int]] = []
+    held = 0
+    for i in rows:
+        n = prepared[i].plan.n_tiles
+        if not chunks or held + n > tiles:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(i)
+        held += n
+    return chunks
+
+
+def full_size_map(scored: Scored, height: int, width: int) -> torch.Tensor:
+    """The anomaly map at the original image's size, which masks and heatmaps are written at.
+
+    Untiled models (a map at the model's input size): bilinear upsampling, as always. Tiled
+    models: the map already is at the (scaled) image's resolution, usually the original itself;
+    a scaled one is resized nearest-neighbour, so the mask is exactly the thresholded map's
+    pixels (what defect_area_fraction counts) and no interpolated float copy of a large image
+    is made beyond the output.
+    """
+    amap = scored.anomaly_map
+    if tuple(amap.shape) == (height, width):
+        return amap
+    mode = "bilinear" if scored.model.geometry.tile is None else "nearest"
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(amap[None, None], size=(height, width), mode=mode, **extra)[0, 0]
+
+
 class ScoringActor:
     """Callable class run by an ActorPoolStrategy: models load once per actor, not per batch.
 
     The frozen backbone is shared by every product line trained on it, so the actor builds one
-    extractor per distinct (backbone, layers, size, pool, weights) and one head per line it
-    meets, runs the backbone once per group of rows and each row through its own line's head.
+    extractor per distinct (backbone, layers, input size, pool, weights) and one head per line it
+    meets, runs the backbone once per chunk of model inputs (tiles) of the rows sharing an
+    extractor and each image through its own line's head (dfr_core.inference.score_images):
+    one row per image however many tiles it has, images of any size mixed in one batch.
     """
 
     def __init__(self, config: ScoringConfig) -> None:
@@ -155,7 +198,7 @@ class ScoringActor:
             self.extractors[key] = extractor
         check_extractor(extractor, meta)
         head = load_head(directory, meta).to(self.device).eval()
-        return LoadedLine(version, head, calibration, key, precision)
+        return LoadedLine(version, head, calibration, key, precision, model_config_of(meta))
 
     def _model(self, line: str) -> LoadedLine | None:
         if line not in self.lines and line not in self.failed:
@@ -167,48 +210,56 @@ class ScoringActor:
 
     # ---- scoring ---------------------------------------------------------------------------
 
+    def _extract(self, extractor: FeatureExtractor, tiles: np.ndarray, precision) -> RegionalMaps:
+        """The backbone over ``tiles`` in passes of at most tile_batch inputs (an image with
+        more tiles than that is one chunk: its passes are concatenated)."""
+        step = self.config.tile_batch
+        parts = [
+            extract(extractor, to_model_input(tiles[lo : lo + step], self.device), precision)
+            for lo in range(0, len(tiles), step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        coarse = tuple(torch.cat(level) for level in zip(*(p.coarse for p in parts), strict=True))
+        return RegionalMaps(torch.cat([p.fine for p in parts]), coarse)
+
     @torch.no_grad()
-    def _score_group(
-        self,
-        rows: list[int],
-        lines: list[str],
-        pixels: list[bytes],
-        size: int,
-        group: tuple[tuple[Any, ...], PrecisionSpec],
+    def _score_chunk(
+        self, rows: list[int], lines: list[str], prepared: dict[int, Prepared], group: Group
     ) -> dict[int, Scored]:
-        """Rows sharing an extractor and a precision: one backbone forward for all of them,
-        then each line's head on its own rows (dfr_core.inference, as calibration did)."""
+        """Rows sharing an extractor and a precision: one backbone pass over all their tiles,
+        then each line's head on its own images' tiles (dfr_core.inference, as calibration)."""
         key, precision = group
         extractor = self.extractors[key]
-        images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in rows])
-        maps = extract(extractor, to_model_input(images, self.device), precision)
+        maps = self._extract(
+            extractor, np.concatenate([prepared[i].tiles for i in rows]), precision
+        )
+        first, start = {}, 0
+        for i in rows:  # each image's first tile in the pass (an image's tiles are consecutive)
+            first[i], start = start, start + prepared[i].plan.n_tiles
         by_line: dict[str, list[int]] = {}
-        for pos, i in enumerate(rows):
-            by_line.setdefault(lines[i], []).append(pos)
+        for i in rows:
+            by_line.setdefault(lines[i], []).append(i)
         out: dict[int, Scored] = {}
-        for line, positions in by_line.items():
+        for line, images in by_line.items():
             model = self.lines[line]
-            subset = None if len(positions) == len(rows) else positions
-            result = head_output(model.head, extractor, maps, precision, subset)
-            amaps = result.anomaly_map.float()
-            scores = result.score.float().cpu().tolist()
-            max_scores = result.max_score.float().cpu().tolist()
-            above = amaps > model.calibration.pixel_threshold
-            fractions = above.float().mean(dim=(1, 2)).cpu().tolist()
-            for k, pos in enumerate(positions):
-                out[rows[pos]] = Scored(model, amaps[k], scores[k], max_scores[k], fractions[k])
+            tile_rows = [
+                t for i in images for t in range(first[i], first[i] + prepared[i].plan.n_tiles)
+            ]
+            subset = None if len(tile_rows) == start else tile_rows
+            plans = [prepared[i].plan for i in images]
+            results = score_images(model.head, extractor, maps, precision, plans, subset)
+            for i, result in zip(images, results, strict=True):
+                amap = result.anomaly_map.float()
+                above = float((amap > model.calibration.pixel_threshold).float().mean())
+                out[i] = Scored(model, amap, result.score, result.max_score, above)
         return out
 
     def _write_mask(
         self, scored: Scored, width: int, height: int, mask_uri: str, heat_uri: str | None
     ) -> None:
-        """Masks at the original resolution: bilinear upsampling of the map, then threshold."""
-        full = F.interpolate(
-            scored.anomaly_map[None, None],
-            size=(height, width),
-            mode="bilinear",
-            align_corners=False,
-        )[0, 0]
+        """Mask (and heatmap) at the original resolution, from the full-resolution map."""
+        full = full_size_map(scored, height, width)
         threshold = scored.model.calibration.pixel_threshold
         opts = self.config.options
         # Temp files go to the run's staging prefix, which the committing run deletes, so an
@@ -221,53 +272,67 @@ class ScoringActor:
             png = outputs.encode_heatmap_png(full.cpu().numpy(), threshold)
             storage.write_bytes_atomic(heat_uri, png, opts, staging)
 
-    def _score_batch(self, batch: pa.Table) -> tuple[dict[int, Scored], dict[int, RowError]]:
-        """Score the batch's ok rows, grouped by extractor; rows of a broken model fail."""
-        lines = batch.column("product_line").to_pylist()
-        status = batch.column("status").to_pylist()
-        pixels = batch.column("pixels").to_pylist()
-        sizes = batch.column("size").to_pylist()
+    def _groups(
+        self, lines: list[str], prepared: dict[int, Prepared]
+    ) -> tuple[dict[Group, list[int]], dict[int, RowError]]:
+        """The ok rows grouped by (extractor, precision); rows of a broken model fail."""
         failures: dict[int, RowError] = {}
-        groups: dict[tuple[tuple[Any, ...], PrecisionSpec], list[int]] = {}
-        for i in range(batch.num_rows):
-            if status[i] != "ok":
-                continue
+        groups: dict[Group, list[int]] = {}
+        for i in prepared:
             model = self._model(lines[i])
             if model is None:
                 failures[i] = RowError("model_error", self.failed[lines[i]])
             else:
                 groups.setdefault((model.extractor_key, model.precision), []).append(i)
-        scored: dict[int, Scored] = {}
-        for key, rows in groups.items():
-            scored.update(self._score_group(rows, lines, pixels, sizes[rows[0]], key))
-        return scored, failures
+        return groups, failures
+
+    def _scored_chunks(
+        self, batch: pa.Table, lines: list[str]
+    ) -> tuple[Iterator[dict[int, Scored]], dict[int, RowError]]:
+        """The batch's ok rows scored chunk by chunk (lazily: one chunk's maps in memory)."""
+        prepared = prepared_rows(batch)
+        groups, failures = self._groups(lines, prepared)
+
+        def scored() -> Iterator[dict[int, Scored]]:
+            for group, rows in groups.items():
+                for chunk in image_chunks(rows, prepared, self.config.tile_batch):
+                    yield self._score_chunk(chunk, lines, prepared, group)
+
+        return scored(), failures
+
+    def _fill(self, cols: dict[str, list[Any]], i: int, row: Scored) -> bool:
+        """Row ``i``'s result columns; True when it gets a mask (per the --masks mode)."""
+        cal = row.model.calibration
+        anomalous = row.score > cal.image_threshold
+        cols["score"][i] = row.max_score
+        # format-1 models have no max_threshold: their image score was the max of the map
+        cols["threshold"][i] = (
+            cal.image_threshold if cal.max_threshold is None else cal.max_threshold
+        )
+        cols["anomaly_score"][i] = row.score
+        cols["anomaly_threshold"][i] = cal.image_threshold
+        cols["pixel_threshold"][i] = cal.pixel_threshold
+        cols["is_anomaly"][i] = anomalous
+        cols["defect_area_fraction"][i] = row.defect_area_fraction
+        return self.config.masks == "all" or (self.config.masks == "anomalous" and anomalous)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.config
         n = batch.num_rows
-        scored, failures = self._score_batch(batch)
         ids = batch.column("image_id").to_pylist()
         lines = batch.column("product_line").to_pylist()
         widths = batch.column("width").to_pylist()
         heights = batch.column("height").to_pylist()
+        chunks, failures = self._scored_chunks(batch, lines)
         cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
         arrived = batch.column("status").to_pylist()
         cols["node_id"] = [self.node_id if s == "ok" else None for s in arrived]
-        writes = []
-        for i, row in scored.items():
-            cal = row.model.calibration
-            anomalous = row.score > cal.image_threshold
-            cols["score"][i] = row.max_score
-            # format-1 models have no max_threshold: their image score was the max of the map
-            cols["threshold"][i] = (
-                cal.image_threshold if cal.max_threshold is None else cal.max_threshold
-            )
-            cols["anomaly_score"][i] = row.score
-            cols["anomaly_threshold"][i] = cal.image_threshold
-            cols["pixel_threshold"][i] = cal.pixel_threshold
-            cols["is_anomaly"][i] = anomalous
-            cols["defect_area_fraction"][i] = row.defect_area_fraction
-            if cfg.masks == "all" or (cfg.masks == "anomalous" and anomalous):
+        previous: list[Future] = []
+        for scored in chunks:
+            writes = []
+            for i, row in scored.items():
+                if not self._fill(cols, i, row):
+                    continue
                 mask = outputs.mask_uri(cfg.output_uri, cfg.run_date, lines[i], ids[i])
                 heat = None
                 if cfg.heatmaps:
@@ -276,10 +341,11 @@ class ScoringActor:
                 writes.append(
                     self.writer.submit(self._write_mask, row, widths[i], heights[i], mask, heat)
                 )
-        for future in writes:
-            # A failed mask write is a storage failure, not bad input: it fails the job, and
-            # the rerun resumes from the committed shards and writes the mask again.
-            future.result()
+            # At most two chunks' full-resolution maps are alive: this chunk's writes overlap
+            # the next chunk's forward, the previous chunk's must be done first.
+            _wait(previous)
+            previous = writes
+        _wait(previous)
 
         batch = _set_errors(batch, failures)
         cols["model_version"] = [cfg.models.get(line) for line in lines]
@@ -290,3 +356,10 @@ class ScoringActor:
             for f in SCORED_SCHEMA
         ]
         return pa.Table.from_arrays(arrays, schema=SCORED_SCHEMA)
+
+
+def _wait(writes: list[Future]) -> None:
+    """A failed mask write is a storage failure, not bad input: it fails the job, and the rerun
+    resumes from the committed shards and writes the mask again."""
+    for future in writes:
+        future.result()

@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from dfr_core.config import ModelConfig
 from dfr_core.decode import DEFAULT_MAX_PIXELS
 from pipeline import outputs, storage
 from pipeline.drift import DriftConfig
@@ -110,6 +111,6 @@ class LineModel:
 
     product_line: str
     version: str | None
-    image_size: int | None
+    geometry: ModelConfig | None  # its model_config: the decode stage's image_size / tile ...
     error_reason: str | None = None
     error: str | None = None

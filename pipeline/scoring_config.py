@@ -28,3 +28,7 @@ class ScoringConfig:
     heatmaps: bool
     torch_threads: int | None
     write_threads: int
+    #: Model inputs (tiles) per backbone pass. Untiled models: one per image, so this is the
+    #: job's batch size and a batch is one pass, as before tiling. An image with more tiles
+    #: (up to its model's max_tiles) is scored alone in passes of this many.
+    tile_batch: int = 32

@@ -1,6 +1,11 @@
 """The gallery's pictures: each scored image's original, heatmap overlay and mask outline,
 downscaled and inlined as ``data:`` URIs (the report is one self-contained file).
 
+The stored mask and heatmap are at the original image's size (the scoring job writes them
+from the full-resolution map, stitched from tiles for a tiled model); they are reduced here
+so that a defect of a few pixels in a large image stays visible: the outline keeps any covered
+pixel, the heatmap each block's hottest pixel.
+
 Never crash on one bad object: an unreadable original, a missing mask or heatmap becomes a
 Panel with a note instead of a picture.
 """
@@ -23,6 +28,7 @@ from pipeline.storage import StorageOptions
 
 _OUTLINE_RGB = (255, 48, 48)
 _MASK_TINT_RGB = (255, 40, 40)
+_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ def _load_rgb(uri: str, options: StorageOptions | None) -> np.ndarray:
 
 
 def _thumbnail(rgb: np.ndarray, px: int) -> Image.Image:
+    """The original at a viewable size: its long side capped at ``px``, its aspect kept (a
+    500 x 1250 part stays long and thin; its mask and heatmap are fitted to this size)."""
     image = Image.fromarray(rgb, mode="RGB")
     image.thumbnail((px, px), Image.Resampling.LANCZOS)
     return image
@@ -80,6 +88,28 @@ def _heatmap_candidates(row: pd.Series) -> list[str]:
     return [f"{stem}.heatmap.png", f"{stem}_heatmap.png"]
 
 
+def shrink_heatmap(rgb: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A full-resolution heatmap (H, W, 3) -> ``size`` (width, height) keeping its peaks.
+
+    A plain resize averages: a 10 px hot spot of a 4000 px tiled image would fade into the
+    background of a 256 px thumbnail. Each block of the integer reduction keeps its hottest
+    pixel (the brightest: the colour map rises in luminance with the score), then a bilinear
+    resize covers the rest of the way.
+    """
+    height, width = rgb.shape[:2]
+    fy, fx = max(1, height // size[1]), max(1, width // size[0])
+    if fy > 1 or fx > 1:
+        h, w = height // fy * fy, width // fx * fx
+        blocks = rgb[:h, :w].reshape(h // fy, fy, w // fx, fx, 3).transpose(0, 2, 1, 3, 4)
+        blocks = blocks.reshape(h // fy, w // fx, fy * fx, 3)
+        luma = blocks.astype(np.float32) @ np.asarray(_LUMA, np.float32)
+        hottest = luma.argmax(axis=2)[..., None, None]
+        rgb = np.take_along_axis(blocks, hottest, axis=2)[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").resize(
+        size, Image.Resampling.BILINEAR
+    )
+
+
 def _load_heatmap(
     row: pd.Series, size: tuple[int, int], options: StorageOptions | None
 ) -> Image.Image | None:
@@ -88,7 +118,7 @@ def _load_heatmap(
             rgb = _load_rgb(uri, options)
         except (OSError, DecodeError, ValueError):
             continue  # no heatmap stored (optional), or an unreadable one: use the mask
-        return Image.fromarray(rgb, mode="RGB").resize(size, Image.Resampling.BILINEAR)
+        return shrink_heatmap(rgb, size)
     return None
 
 

@@ -74,6 +74,22 @@ def _curve(spec: object, x_key: str, y_key: str) -> tuple[list[float], list[floa
     return [float(v) for v in x], [float(v) for v in y]
 
 
+def geometry_text(model_config: dict[str, Any]) -> str:
+    """How the model sees an image, from model.json's model_config: ``256`` (square resize),
+    ``256x640`` (HxW resize) or ``256 px tiles, overlap 32, scale 1, at most 64 tiles``."""
+    size = model_config.get("image_size")
+    if isinstance(size, list):
+        size = "x".join(num(v) for v in size)
+    tile = model_config.get("tile")
+    if tile is None:
+        return num(size)
+    return (
+        f"{num(tile)} px tiles, overlap {num(model_config.get('tile_overlap', 0))}, "
+        f"scale {num(model_config.get('tile_scale', 1.0))}, "
+        f"at most {num(model_config.get('max_tiles'))} tiles"
+    )
+
+
 def _section(obj: object) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
@@ -88,7 +104,7 @@ def _training_pairs(meta: dict[str, Any]) -> Pairs:
     return [
         ("backbone", str(backbone.get("name") or MISSING)),
         ("layers", layer_text or MISSING),
-        ("image size", num(model_config.get("image_size"))),
+        ("input geometry", geometry_text(model_config)),
         ("latent dim", num(meta.get("latent_dim"))),
         ("train images", num(training.get("train_images"))),
         ("validation images", num(training.get("val_images"))),

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dfr_core.config import ModelConfig
 from pipeline import listing as listing_mod
 from pipeline import listing_rows
 from pipeline.listing import load_listing, resolve
@@ -106,9 +107,9 @@ def test_wave_blocks_hold_exactly_the_wave_rows(small_chunks, tmp_path):
     listing = load_listing(str(tmp_path / "l.parquet"), shard_size=4)
     pending = dict(list(listing.shards.items())[1::3])  # gaps: an interrupted run's rest
     models = {
-        "a": LineModel("a", "v1", 64),
+        "a": LineModel("a", "v1", ModelConfig(image_size=64)),
         "b": LineModel("b", None, None, "no_model", "no model for b"),
-        "c": LineModel("c", "v1", 64),
+        "c": LineModel("c", "v1", ModelConfig(image_size=64)),
     }
     got = []
     for wave in waves(pending, wave_rows=9):

@@ -58,7 +58,8 @@ def test_read_then_decode(tmp_path):
         "missing.png": "not_found",
     }
     ok = rows[("ok.png", "p")]
-    assert (ok["width"], ok["height"], ok["size"]) == (50, 40, 32)
+    assert (ok["width"], ok["height"], ok["tile_height"], ok["tile_width"]) == (50, 40, 32, 32)
+    assert ok["tiles"] == 1 and ok["origins"] == [0, 0]  # an untiled model: one input
     assert len(ok["pixels"]) == 32 * 32 * 3 and ok["status"] == "ok"
     gray = rows[("gray.png", "p")]
     assert (gray["width"], gray["height"]) == (20, 30)
