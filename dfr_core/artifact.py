@@ -29,7 +29,13 @@ from dfr_core.artifact_meta import (  # noqa: F401 - re-exported: the torch-free
     sha256_bytes,
 )
 from dfr_core.calibrate import Calibration
-from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict, to_dict
+from dfr_core.config import (
+    LEGACY_GEOMETRY_FIELDS,
+    LEGACY_V1_MODEL_FIELDS,
+    ModelConfig,
+    from_dict,
+    to_dict,
+)
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 
@@ -91,7 +97,9 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
     """The ModelConfig a model.json describes, with the meaning of the version that wrote it.
 
     A format-1 file lacks the image-score fields; they get the values version 1 used (max of
-    the map), never today's defaults. From version 2 on every field must be present.
+    the map), never today's defaults. From version 2 on every field must be present, except the
+    geometry fields of issue 12 (tile, tile_overlap, ...), whose absence means what every model
+    before them was: one square image_size, no tiling (LEGACY_GEOMETRY_FIELDS).
     """
     stored = meta["model_config"]
     version = meta.get("format_version")
@@ -101,6 +109,8 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
         # "layers: []" meant "the backbone's default layers" when it was written; the layers it
         # really used are recorded beside it, so a later change of a default cannot change them
         stored = {**stored, "layers": list(meta["backbone"].get("layers") or [])}
+    # geometry fields (issue 12) absent: written before they existed, square and untiled
+    stored = {**LEGACY_GEOMETRY_FIELDS, **stored}
     if version == 1:
         stored = {**LEGACY_V1_MODEL_FIELDS, **stored}
     else:
@@ -153,7 +163,7 @@ def check_extractor(extractor: FeatureExtractor, meta: dict[str, Any]) -> None:
             f"model was trained with {want['name']} weights sha256 {want.get('weights_sha256')}, "
             f"but the loaded weights have sha256 {got.weights_sha256} ({got.weights_source})"
         )
-    if extractor.image_size != model_config_of(meta).image_size:
+    if extractor.input_hw != model_config_of(meta).input_hw:
         raise ArtifactError("extractor image size differs from the model's")
 
 

@@ -23,7 +23,7 @@ class ModelConfig:
 
     backbone: str = "mobilenet_v2"
     layers: tuple[str, ...] = ()  # empty: the backbone's default layers
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # N (square) or (H, W); each a multiple of 32
     pool: int = 4
     pca_variance: float = 0.9
     latent_dim: int | None = None  # None: chosen by PCA on the training features
@@ -33,12 +33,17 @@ class ModelConfig:
     topk_fraction: float = 0.01  # of the map's pixels, for image_score == "topk_mean"
     score_norm: str = "quantile"  # "quantile": terms scaled by held-out normal images' q90/q99.5
     global_weight: float = 1.0  # weight of the pooled-feature Gaussian term; 0 disables it
+    # Geometry (issue 12). tile None: the image is resized to image_size (today's behaviour).
+    # tile N: the image (resized by tile_scale, aspect kept) is covered by N x N tiles that
+    # overlap by tile_overlap pixels; each tile is a model input (image_size == tile).
+    tile: int | None = None
+    tile_overlap: int = 0
+    tile_scale: float = 1.0
+    max_tiles: int = 64  # an image needing more tiles is refused (GeometryReason.TOO_MANY_TILES)
 
     def __post_init__(self) -> None:
-        if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(
-                f"image_size must be a multiple of 32 and >= 32, got {self.image_size}"
-            )
+        object.__setattr__(self, "image_size", _normalise_size(self.image_size, self.tile))
+        _check_geometry(self)
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(
                 f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}"
@@ -63,6 +68,81 @@ class ModelConfig:
         if self.latent_dim is not None and self.latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The model input (H, W): image_size's, which is (tile, tile) for a tiled model."""
+        return size_hw(self.image_size)
+
+
+def size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``N`` or ``(H, W)`` -> (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """``"256"`` -> 256, ``"256x640"`` -> (256, 640) (ValueError naming the text otherwise)."""
+    parts = str(text).strip().lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size N or HxW") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise ValueError(f"{text!r} is not a size N or HxW")
+
+
+def _normalise_size(size: int | tuple[int, int] | list, tile: int | None) -> int | tuple[int, int]:
+    """A square (N, N) is stored as N (so square models' model.json stays as before); a tiled
+    model's input is its tile: image_size left at the default 256 becomes the tile."""
+    if isinstance(size, bool) or not isinstance(size, int | tuple | list):
+        raise ValueError(f"image_size must be N or (H, W), got {size!r}")
+    if not isinstance(size, int):
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise ValueError(f"image_size must be N or (H, W) integers, got {size!r}")
+        size = size[0] if size[0] == size[1] else (int(size[0]), int(size[1]))
+    if tile is not None and size == 256:
+        return tile
+    return size
+
+
+def _check_geometry(cfg: ModelConfig) -> None:
+    if cfg.tile is not None and (cfg.tile < 32 or cfg.tile % 32):
+        raise ValueError(f"tile must be a multiple of 32 and >= 32, got {cfg.tile}")
+    if any(side < 32 or side % 32 for side in cfg.input_hw):
+        shown = (
+            cfg.image_size
+            if isinstance(cfg.image_size, int)
+            else "x".join(str(v) for v in cfg.image_size)
+        )
+        raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {shown}")
+    if cfg.tile is None:
+        return
+    if cfg.image_size != cfg.tile:
+        raise ValueError(
+            f"a tiled model's input is its tile: image_size must be left at its default or equal "
+            f"tile ({cfg.tile}), got {cfg.image_size}"
+        )
+    if not 0 <= cfg.tile_overlap < cfg.tile:
+        raise ValueError(
+            f"tile_overlap must be >= 0 and < tile ({cfg.tile}), got {cfg.tile_overlap}"
+        )
+    if not 0.0 < cfg.tile_scale <= 16.0:
+        raise ValueError(f"tile_scale must be in (0, 16], got {cfg.tile_scale}")
+    if cfg.max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {cfg.max_tiles}")
+
+
+#: What the geometry fields meant before they existed (issue 12): one square image_size, no
+#: tiling. A model.json without them is filled with exactly these (its meaning, not a default).
+LEGACY_GEOMETRY_FIELDS: dict[str, Any] = {
+    "tile": None,
+    "tile_overlap": 0,
+    "tile_scale": 1.0,
+    "max_tiles": 64,
+}
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ CHUNK_POSITIONS = 1024
 class RegionalMaps(NamedTuple):
     """One backbone pass, shared by every head trained on that extractor.
 
-    ``fine``: (B, C_fine, G, G) pooled features of the layers at or finer than the grid;
-    ``coarse``: per native size n, the (B, c_n, n, n) maps of the layers coarser than the grid
+    ``fine``: (B, C_fine, Gh, Gw) pooled features of the layers at or finer than the grid;
+    ``coarse``: per native size (h, w), the (B, c_n, h, w) maps of the layers coarser than the grid
     (mapped onto the grid band by band, never whole: see `FoldedHead.error_grid`).
     Channel order: fine layers then coarse layers grouped by native size (see `_layout`).
     """
@@ -52,25 +52,32 @@ class _Layout(NamedTuple):
 
     order: torch.Tensor  # permutation: fast-path channel k is the reference's channel order[k]
     n_fine: int
-    coarse_sizes: tuple[int, ...]  # native sizes of the coarse groups, in group order
+    coarse_sizes: tuple[tuple[int, int], ...]  # native (h, w) of the coarse groups, in order
     coarse_widths: tuple[int, ...]  # channels per coarse group
 
 
-def layer_sizes(extractor: FeatureExtractor) -> list[int]:
-    """Native map size of each layer (square input of image_size; ceil for odd strides)."""
-    size = extractor.image_size
-    return [-(-size // layer.stride) for layer in extractor.backbone.layers]
+def layer_sizes(extractor: FeatureExtractor) -> list[tuple[int, int]]:
+    """Native (h, w) of each layer's map for an input of input_hw (ceil for odd strides)."""
+    height, width = extractor.input_hw
+    strides = [layer.stride for layer in extractor.backbone.layers]
+    return [(-(-height // s), -(-width // s)) for s in strides]
+
+
+def is_fine(hw: tuple[int, int], grid_hw: tuple[int, int]) -> bool:
+    """A map at least as fine as the grid on both axes is pooled at once; any other stays at
+    native resolution (the coarse path is exact for any linear regional operator)."""
+    return hw[0] >= grid_hw[0] and hw[1] >= grid_hw[1]
 
 
 def _layout(extractor: FeatureExtractor) -> _Layout:
-    grid = extractor.grid_size
+    grid = extractor.grid_hw
     fine: list[int] = []
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     start = 0
     for layer, n in zip(extractor.backbone.layers, layer_sizes(extractor), strict=True):
         idx = list(range(start, start + layer.channels))
         start += layer.channels
-        if n >= grid:
+        if is_fine(n, grid):
             fine += idx
         else:
             groups.setdefault(n, []).extend(idx)
@@ -83,13 +90,15 @@ def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tenso
     """(B, C) position-means of the regional features, in the reference channel order.
 
     Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
-    the coarse layers' full (B, c, G, G) maps: the grid mean of ``M f M^T`` is ``a^T f a`` with
-    ``a`` the column means of the regional operator M (square maps).
+    the coarse layers' full (B, c, Gh, Gw) maps: the grid mean of ``Mh f Mw^T`` is
+    ``ah^T f aw`` with ``ah``, ``aw`` the column means of the two axes' regional operators.
     """
     parts = [maps.fine.mean(dim=(2, 3))]
+    pooling = extractor.pooling
     for fmap in maps.coarse:
-        a = extractor.pooling._matrix(fmap.shape[-1], fmap).mean(dim=0)
-        parts.append(torch.einsum("bchw,h,w->bc", fmap, a, a))
+        ah = pooling._matrix(fmap.shape[-2], fmap, 0).mean(dim=0)
+        aw = pooling._matrix(fmap.shape[-1], fmap, 1).mean(dim=0)
+        parts.append(torch.einsum("bchw,h,w->bc", fmap, ah, aw))
     means = torch.cat(parts, dim=1)
     out = torch.empty_like(means)
     out[:, _layout(extractor).order.to(means.device)] = means
@@ -104,13 +113,10 @@ def extract_regional(
     ``autocast_dtype`` (bf16/fp16) runs the backbone convolutions under autocast; pooling is
     always fp32 (it is cheap and keeps the descriptors as exact as the maps allow).
     """
-    grid = extractor.grid_size
-    if x.shape[-2:] != (extractor.image_size, extractor.image_size):
-        raise ValueError(
-            f"expected input of {extractor.image_size}x{extractor.image_size}, got {tuple(x.shape)}"
-        )
+    grid = extractor.grid_hw
+    extractor.check_input(x)
     fine: list[torch.Tensor] = []
-    coarse: dict[int, list[torch.Tensor]] = {}
+    coarse: dict[tuple[int, int], list[torch.Tensor]] = {}
     maps = extractor.backbone.iter_maps(x)
     # The generator's convolutions run under autocast (it resumes inside the outer context);
     # the pooling of each map runs with autocast off.
@@ -119,13 +125,14 @@ def extract_regional(
             with _autocast(x.device, None):
                 # channels_last maps (the backbone's fast layout) pool slowly: NCHW first
                 fmap = fmap.float().contiguous()
-                if fmap.shape[-1] >= grid:
+                hw = (fmap.shape[-2], fmap.shape[-1])
+                if is_fine(hw, grid):
                     fine.append(extractor.pooling.pool_one(fmap))
                 else:
-                    coarse.setdefault(fmap.shape[-1], []).append(fmap)
+                    coarse.setdefault(hw, []).append(fmap)
     sizes = sorted(coarse, reverse=True)
     natives = tuple(torch.cat(coarse[n], dim=1) for n in sizes)
-    empty = x.new_zeros(x.shape[0], 0, grid, grid, dtype=torch.float32)
+    empty = x.new_zeros(x.shape[0], 0, *grid, dtype=torch.float32)
     return RegionalMaps(torch.cat(fine, dim=1) if fine else empty, natives)
 
 
@@ -171,14 +178,14 @@ class FoldedHead:
     """A DFRHead's eval-mode computation rearranged for the fast path (weights folded once).
 
     Built for one extractor layout, device and compute dtype; `error_grid` takes the
-    extractor's `RegionalMaps` and returns the (B, G, G) fp32 error grid.
+    extractor's `RegionalMaps` and returns the (B, Gh, Gw) fp32 error grid.
     """
 
     def __init__(
         self, head: nn.Module, extractor: FeatureExtractor, dtype: torch.dtype = torch.float32
     ) -> None:
         layout = _layout(extractor)
-        self.layout, self.dtype, self.grid = layout, dtype, extractor.grid_size
+        self.layout, self.dtype, self.grid_hw = layout, dtype, extractor.grid_hw
         self.pooling = extractor.pooling
         channels = int(layout.order.numel())
         if head.cae.in_channels != channels:
@@ -215,10 +222,10 @@ class FoldedHead:
         self.channels = channels
 
     def _band(self, native: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """Grid rows r0:r1 of the regional operator applied to (c, n, n): (c, (r1-r0)*G)."""
-        n = native.shape[-1]
-        mat = self.pooling._matrix(n, native)
-        return torch.matmul(torch.matmul(mat[r0:r1], native), mat.T).flatten(1)
+        """Grid rows r0:r1 of the regional operator applied to (c, h, w): (c, (r1-r0)*Gw)."""
+        mh = self.pooling._matrix(native.shape[-2], native, 0)
+        mw = self.pooling._matrix(native.shape[-1], native, 1)
+        return torch.matmul(torch.matmul(mh[r0:r1], native), mw.T).flatten(1)
 
     def _chunk(
         self,
@@ -230,11 +237,11 @@ class FoldedHead:
     ) -> torch.Tensor:
         """Error of grid rows r0:r1 of one image -> ((r1-r0)*G,) fp32.
 
-        ``fine``: (C_fine, G*G) pooled; ``coarse``: per native size, (c_n, n, n) maps;
-        ``first_coarse``: per native size, the first layer's (H1, n, n) contribution at native
+        ``fine``: (C_fine, Gh*Gw) pooled; ``coarse``: per native size, (c_n, h, w) maps;
+        ``first_coarse``: per native size, the first layer's (H1, h, w) contribution at native
         resolution. Only this band's rows are mapped onto the grid.
         """
-        g, nf = self.grid, self.layout.n_fine
+        g, nf = self.grid_hw[1], self.layout.n_fine
         fine = fine[:, r0 * g : r1 * g]
         h = (self.w1_fine @ fine.to(self.dtype)).float() if nf else None
         for part in first_coarse:
@@ -262,12 +269,12 @@ class FoldedHead:
 
     @torch.no_grad()
     def error_grid(self, maps: RegionalMaps) -> torch.Tensor:
-        b, g = maps.fine.shape[0], self.grid
-        sizes = tuple(m.shape[-1] for m in maps.coarse)
+        b, (gh, g) = maps.fine.shape[0], self.grid_hw
+        sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps.coarse)
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
         rows = max(1, CHUNK_POSITIONS // g)
-        out = torch.empty(b, g, g, device=maps.fine.device)
+        out = torch.empty(b, gh, g, device=maps.fine.device)
         for i in range(b):
             fine = maps.fine[i].flatten(1)
             coarse = [m[i] for m in maps.coarse]
@@ -276,8 +283,8 @@ class FoldedHead:
                 (w @ m.flatten(1).to(self.dtype)).float().view(-1, *m.shape[-2:])
                 for w, m in zip(self.w1_coarse, coarse, strict=True)
             ]
-            for r0 in range(0, g, rows):
-                r1 = min(r0 + rows, g)
+            for r0 in range(0, gh, rows):
+                r1 = min(r0 + rows, gh)
                 out[i, r0:r1] = self._chunk(fine, coarse, first, r0, r1).view(r1 - r0, g)
         return out
 

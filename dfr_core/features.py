@@ -46,30 +46,39 @@ def regional_matrix(n_in: int, image_size: int, pool: int) -> torch.Tensor:
     return pool_matrix(image_size, pool) @ upsample_matrix(n_in, image_size)
 
 
-class RegionalPooling(nn.Module):
-    """Resize a list of feature maps to one (S/pool) grid of regional descriptors and concat."""
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
-    def __init__(self, image_size: int, pool: int = 4) -> None:
+
+class RegionalPooling(nn.Module):
+    """Resize a list of feature maps to one (H/pool, W/pool) grid of regional descriptors and
+    concat. ``image_size``: N (square) or (H, W); each axis gets its own regional matrix."""
+
+    def __init__(self, image_size: int | tuple[int, int], pool: int = 4) -> None:
         super().__init__()
-        if image_size % pool:
+        hw = _hw(image_size)
+        if hw[0] % pool or hw[1] % pool:
             raise ValueError(f"image_size {image_size} must be a multiple of pool {pool}")
         self.image_size = image_size
+        self.input_hw = hw
         self.pool = pool
-        self._cache: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+        self._cache: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
 
-    def _matrix(self, n_in: int, ref: torch.Tensor) -> torch.Tensor:
-        key = (n_in, str(ref.device), ref.dtype)
+    def _matrix(self, n_in: int, ref: torch.Tensor, axis: int = 0) -> torch.Tensor:
+        """The regional operator of one axis (0: rows, 1: columns) for a native size n_in."""
+        size = self.input_hw[axis]
+        key = (n_in, size, str(ref.device), ref.dtype)
         if key not in self._cache:
-            mat = regional_matrix(n_in, self.image_size, self.pool)
+            mat = regional_matrix(n_in, size, self.pool)
             self._cache[key] = mat.to(device=ref.device, dtype=ref.dtype)
         return self._cache[key]
 
     def pool_one(self, fmap: torch.Tensor) -> torch.Tensor:
         h, w = fmap.shape[-2:]
-        if h == self.image_size and w == self.image_size:
+        if (h, w) == self.input_hw:
             return F.avg_pool2d(fmap, self.pool, self.pool)  # upsampling is the identity here
-        mh = self._matrix(h, fmap)
-        mw = mh if w == h else self._matrix(w, fmap)
+        mh = self._matrix(h, fmap, 0)
+        mw = self._matrix(w, fmap, 1)
         return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
@@ -77,27 +86,40 @@ class RegionalPooling(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen backbone + regional pooling: (B, 3, S, S) normalised -> (B, C, S/4, S/4)."""
+    """Frozen backbone + regional pooling: (B, 3, H, W) normalised -> (B, C, H/4, W/4)."""
 
-    def __init__(self, backbone: FeatureBackbone, image_size: int, pool: int = 4) -> None:
+    def __init__(
+        self, backbone: FeatureBackbone, image_size: int | tuple[int, int], pool: int = 4
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.pooling = RegionalPooling(image_size, pool)
         self.image_size = image_size
+        self.input_hw = _hw(image_size)
         self.channels = sum(layer.channels for layer in backbone.layers)
 
     @property
+    def grid_hw(self) -> tuple[int, int]:
+        return (self.input_hw[0] // self.pooling.pool, self.input_hw[1] // self.pooling.pool)
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // self.pooling.pool
+        """The square grid side (square extractors only; see grid_hw)."""
+        gh, gw = self.grid_hw
+        if gh != gw:
+            raise ValueError(f"grid {gh}x{gw} is not square: use grid_hw")
+        return gh
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.input_hw:
+            h, w = self.input_hw
+            raise ValueError(f"expected input of {h}x{w}, got {tuple(x.shape)}")
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected input of {self.image_size}x{self.image_size}, got {tuple(x.shape)}"
-            )
-        grid = self.grid_size
-        out = torch.empty(x.shape[0], self.channels, grid, grid, device=x.device)
+        self.check_input(x)
+        gh, gw = self.grid_hw
+        out = torch.empty(x.shape[0], self.channels, gh, gw, device=x.device)
         start = 0
         # Pool each map as soon as the backbone yields it, into a preallocated output: no
         # full-resolution map outlives its layer and no concatenation copy is made.
@@ -109,11 +131,11 @@ class FeatureExtractor(nn.Module):
 
 
 def literal_regional_features(
-    maps: list[torch.Tensor], image_size: int, pool: int = 4
+    maps: list[torch.Tensor], image_size: int | tuple[int, int], pool: int = 4
 ) -> torch.Tensor:
     """The reference implementation's computation, kept for tests and the speed benchmark."""
     out = []
     for fmap in maps:
-        up = F.interpolate(fmap, size=(image_size, image_size), mode="bilinear", align_corners=True)
+        up = F.interpolate(fmap, size=_hw(image_size), mode="bilinear", align_corners=True)
         out.append(F.avg_pool2d(up, pool, pool))
     return torch.cat(out, dim=1)

@@ -1,9 +1,10 @@
 """The one batched eval forward: uint8 images -> anomaly maps and scores, at a given precision.
 
 `DFRModel.predict`, calibration/evaluation (`dfr_core.calibrate.compute_maps`) and the scoring
-actor all go through `extract` + `head_output`, so a threshold calibrated by one is valid for the
-others. The backbone runs once per batch (`extract`); each product line's head then runs on its
-own rows of it (`head_output`). Both use the exact fast path of `dfr_core.fastpath` and the
+actor all go through `extract` + `head_output` (or, per image and for tiled models,
+`score_images` / `forward_images`), so a threshold calibrated by one is valid for the others.
+The backbone runs once per batch (`extract`); each product line's head then runs on its own
+rows of it (`head_output`). Both use the exact fast path of `dfr_core.fastpath` and the
 precision contract of `dfr_core.precision`.
 """
 
@@ -19,11 +20,13 @@ from dfr_core.anomaly import AnomalyOutput
 from dfr_core.config import ModelConfig
 from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head, pooled_means
 from dfr_core.features import FeatureExtractor
+from dfr_core.geometry import TilePlan
 from dfr_core.precision import PrecisionSpec, exact_fp32
 from dfr_core.preprocess import normalize_batch
+from dfr_core.tiling import ImageOutput, TiledHead, tiled_image_output
 
 
-class DFRHead(Protocol):
+class DFRHead(TiledHead, Protocol):
     """What the forward needs of a head (dfr_core.model.DFRHead; structural, so that this module
     does not import dfr_core.model, which imports it)."""
 
@@ -73,15 +76,70 @@ def head_output(
 ) -> AnomalyOutput:
     """One head on (a subset ``rows`` of) a batch's maps: the error grid at ``precision``, then
     the head's map/score definition in fp32."""
-    if rows is not None:
-        index = torch.as_tensor(list(rows), device=maps.fine.device)
-        maps = RegionalMaps(
-            maps.fine.index_select(0, index), tuple(m.index_select(0, index) for m in maps.coarse)
-        )
     with exact_fp32(maps.fine.device):
-        grid = folded_head(head, extractor, precision.torch_dtype).error_grid(maps)
-        pooled = pooled_means(extractor, maps) if head.config.global_weight > 0 else None
-        return head.from_error_grid(grid.float(), pooled)
+        grid, pooled = _grids(head, extractor, _select(maps, rows), precision)
+        return head.from_error_grid(grid, pooled)
+
+
+def _select(maps: RegionalMaps, rows: Sequence[int] | None) -> RegionalMaps:
+    if rows is None:
+        return maps
+    index = torch.as_tensor(list(rows), device=maps.fine.device)
+    return RegionalMaps(
+        maps.fine.index_select(0, index), tuple(m.index_select(0, index) for m in maps.coarse)
+    )
+
+
+def _grids(
+    head: DFRHead, extractor: FeatureExtractor, maps: RegionalMaps, precision: PrecisionSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, Gh, Gw) fp32 error grids and, for a global term, (B, C) pooled raw features."""
+    grid = folded_head(head, extractor, precision.torch_dtype).error_grid(maps)
+    pooled = pooled_means(extractor, maps) if head.config.global_weight > 0 else None
+    return grid.float(), pooled
+
+
+def _split(out: AnomalyOutput) -> list[ImageOutput]:
+    maps, scores, maxes = out.anomaly_map.float().cpu(), out.score.tolist(), out.max_score.tolist()
+    return [ImageOutput(maps[j], float(scores[j]), float(maxes[j])) for j in range(len(scores))]
+
+
+def _finish(
+    head: DFRHead, grid: torch.Tensor, pooled: torch.Tensor | None, plans: Sequence[TilePlan]
+) -> list[ImageOutput]:
+    """Consecutive tiles' grids -> one ImageOutput per plan (untiled: one tile per image)."""
+    if head.config.tile is None:
+        return _split(head.from_error_grid(grid, pooled))
+    outs, start = [], 0
+    for plan in plans:
+        stop = start + plan.n_tiles
+        part = None if pooled is None else pooled[start:stop]
+        outs.append(tiled_image_output(head, grid[start:stop], part, plan))
+        start = stop
+    return outs
+
+
+@torch.no_grad()
+def score_images(
+    head: DFRHead,
+    extractor: FeatureExtractor,
+    maps: RegionalMaps,
+    precision: PrecisionSpec,
+    plans: Sequence[TilePlan],
+    rows: Sequence[int] | None = None,
+) -> list[ImageOutput]:
+    """One head on (rows of) ONE backbone pass over a batch of tiles -> one output per plan.
+
+    ``plans[j]`` owns the next ``plans[j].n_tiles`` selected rows (an image's tiles are
+    consecutive). Untiled models: one row per plan, maps/scores equal to `head_output`'s.
+    """
+    need = sum(plan.n_tiles for plan in plans)
+    have = maps.fine.shape[0] if rows is None else len(rows)
+    if need != have:
+        raise ValueError(f"score_images: the plans own {need} tiles, the batch has {have}")
+    with exact_fp32(maps.fine.device):
+        grid, pooled = _grids(head, extractor, _select(maps, rows), precision)
+        return _finish(head, grid, pooled, plans)
 
 
 def forward_batch(
@@ -94,3 +152,62 @@ def forward_batch(
     return head_output(
         model.head, model.extractor, extract(model.extractor, x, precision), precision
     )
+
+
+def _images_at_once(
+    model: DFRModel, prepared: Sequence[tuple[np.ndarray, TilePlan]], batch_size: int, precision
+) -> list[ImageOutput]:
+    """Untiled: exactly today's batches of `batch_size` images through `forward_batch`."""
+    outs: list[ImageOutput] = []
+    for i in range(0, len(prepared), batch_size):
+        batch = np.concatenate([tiles for tiles, _ in prepared[i : i + batch_size]])
+        outs.extend(_split(forward_batch(model, batch, precision)))
+    return outs
+
+
+@torch.no_grad()
+def forward_images(
+    model: DFRModel,
+    prepared: Sequence[tuple[np.ndarray, TilePlan]],
+    batch_size: int = 16,
+    precision: PrecisionSpec | None = None,
+) -> list[ImageOutput]:
+    """`dfr_core.geometry.prepare_image` outputs -> one ImageOutput per image.
+
+    Tiles of consecutive images share backbone passes of at most ``batch_size`` tiles; an
+    image is finished (stitched, smoothed, scored) as soon as its last tile's grid is in, so
+    only the small error grids of unfinished images are held. For an untiled model the maps
+    and scores equal `forward_batch`'s on the same batches.
+    """
+    precision = precision or model.precision
+    if model.head.config.tile is None:
+        return _images_at_once(model, prepared, batch_size, precision)
+    head, extractor = model.head, model.extractor
+    device = next(head.parameters()).device
+    flat = [(i, k) for i, (tiles, _) in enumerate(prepared) for k in range(len(tiles))]
+    grids: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] = []
+    outs: list[ImageOutput] = []
+    next_image, held = 0, 0  # first unfinished image; grids held for it and later ones
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        x = to_model_input(np.stack([prepared[i][0][k] for i, k in chunk]), device)
+        maps = extract(extractor, x, precision)
+        with exact_fp32(device):
+            grid, pool = _grids(head, extractor, maps, precision)
+        grids.append(grid)
+        if pool is not None:
+            pooled.append(pool)
+        held += len(chunk)
+        while next_image < len(prepared) and prepared[next_image][1].n_tiles <= held:
+            plan = prepared[next_image][1]
+            all_grids = torch.cat(grids)
+            all_pooled = torch.cat(pooled) if pooled else None
+            part = None if all_pooled is None else all_pooled[: plan.n_tiles]
+            with exact_fp32(device):
+                outs.append(tiled_image_output(head, all_grids[: plan.n_tiles], part, plan))
+            grids = [all_grids[plan.n_tiles :]]
+            pooled = [] if all_pooled is None else [all_pooled[plan.n_tiles :]]
+            held -= plan.n_tiles
+            next_image += 1
+    return outs

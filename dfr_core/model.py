@@ -14,7 +14,8 @@ from dfr_core.backbones import FeatureBackbone, build_backbone
 from dfr_core.cae import CAE
 from dfr_core.config import ModelConfig
 from dfr_core.features import FeatureExtractor
-from dfr_core.inference import forward_batch
+from dfr_core.geometry import prepare_image
+from dfr_core.inference import ImageOutput, forward_batch, forward_images
 from dfr_core.precision import PrecisionSpec
 from dfr_core.preprocess import resize_image
 from dfr_core.scoring import ScoreTerms, aggregate, mahalanobis, normalise
@@ -104,26 +105,41 @@ class DFRHead(nn.Module):
             return (pooled_feats.float() - self.feature_mean.flatten()) / self.feature_std.flatten()
         return pooled_feats.float()
 
+    def upsample_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, Gh, Gw) error grid -> (B, H, W) unsmoothed map at the model input (bilinear)."""
+        full = F.interpolate(
+            grid[:, None], size=self.config.input_hw, mode="bilinear", align_corners=False
+        )
+        return full[:, 0]
+
+    def global_distance(self, pooled_feats: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) Mahalanobis distances of (B, C) pooled raw features; None without a global term."""
+        if self.config.global_weight <= 0:
+            return None
+        if pooled_feats is None:
+            raise ValueError("this model's score has a global term: pooled features needed")
+        z = self.pooled_standardized(pooled_feats)
+        return mahalanobis(z, self.global_mean, self.global_precision)
+
+    def map_terms(
+        self, full: torch.Tensor, distance: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ScoreTerms]:
+        """(B, H, W) unsmoothed maps (one model input, or a stitched image) -> the smoothed map
+        and the raw terms: smoothing and aggregation happen once, at the map's resolution."""
+        cfg = self.config
+        amap = gaussian_blur(full, cfg.smoothing_sigma)
+        local = aggregate(amap, cfg.image_score, cfg.topk_fraction)
+        return amap, ScoreTerms(amap.flatten(1).amax(dim=1), local, distance)
+
     def terms_from_grid(
         self, grid: torch.Tensor, pooled_feats: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ScoreTerms]:
-        """The anomaly map (B, S, S) and the raw image-score terms of a (B, G, G) error grid.
+        """The anomaly map (B, H, W) and the raw image-score terms of a (B, Gh, Gw) error grid.
 
         ``pooled_feats`` (B, C): the raw features averaged over grid positions; needed only when
         the config has a global term.
         """
-        cfg = self.config
-        size = cfg.image_size
-        full = F.interpolate(grid[:, None], size=(size, size), mode="bilinear", align_corners=False)
-        amap = gaussian_blur(full[:, 0], cfg.smoothing_sigma)
-        distance = None
-        if cfg.global_weight > 0:
-            if pooled_feats is None:
-                raise ValueError("this model's score has a global term: pooled features needed")
-            z = self.pooled_standardized(pooled_feats)
-            distance = mahalanobis(z, self.global_mean, self.global_precision)
-        local = aggregate(amap, cfg.image_score, cfg.topk_fraction)
-        return amap, ScoreTerms(amap.flatten(1).amax(dim=1), local, distance)
+        return self.map_terms(self.upsample_grid(grid), self.global_distance(pooled_feats))
 
     def terms(self, feats: torch.Tensor) -> tuple[torch.Tensor, ScoreTerms]:
         """The anomaly map (B, S, S) and the raw image-score terms, before normalisation."""
@@ -174,15 +190,38 @@ class DFRModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], batch_size: int = 16) -> AnomalyOutput:
-        """Decoded images of any size -> maps at image_size and scores, in eval mode, through
-        the same batched forward (and precision) as calibration and the scoring job."""
+        """Decoded images of any size -> maps at input_hw and scores, in eval mode, through
+        the same batched forward (and precision) as calibration and the scoring job.
+
+        A tiled model's maps have each image's own size: use `predict_images` (this stacks
+        them and raises a ValueError saying so when the sizes differ)."""
         self.eval()
+        if self.config.tile is not None:
+            outs = self.predict_images(images, batch_size)
+            shapes = {tuple(o.anomaly_map.shape) for o in outs}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"tiled model: the images' maps have different sizes {sorted(shapes)}; "
+                    "use predict_images"
+                )
+            return AnomalyOutput(
+                torch.stack([o.anomaly_map for o in outs]),
+                torch.tensor([o.score for o in outs]),
+                torch.tensor([o.max_score for o in outs]),
+            )
         outs = []
         size = self.config.image_size
         for i in range(0, len(images), batch_size):
             batch = np.stack([resize_image(img, size) for img in images[i : i + batch_size]])
             outs.append(forward_batch(self, batch))
         return concat_outputs(outs)
+
+    @torch.no_grad()
+    def predict_images(self, images: list[np.ndarray], batch_size: int = 16) -> list[ImageOutput]:
+        """Decoded images of any size -> one ImageOutput each (a tiled model's map has the
+        scaled image's size), through `dfr_core.geometry.prepare_image` + `forward_images`."""
+        self.eval()
+        return forward_images(self, [prepare_image(self.config, img) for img in images], batch_size)
 
 
 def build_extractor(

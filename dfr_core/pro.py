@@ -152,8 +152,24 @@ def pro_curve(
     if num_thresholds is not None and num_thresholds < 2:
         raise ValueError(f"num_thresholds must be >= 2 or None, got {num_thresholds}")
     m, s = pixel_pair(masks, maps)
-    weights = _region_weights(m)
-    defect_scores, neg = s[m], s[~m]
+    return pro_curve_from_parts(s[m], _region_weights(m), s[~m], max_fpr, num_thresholds)
+
+
+def pro_curve_from_parts(
+    defect_scores: np.ndarray,
+    weights: np.ndarray,
+    neg: np.ndarray,
+    max_fpr: float = 0.3,
+    num_thresholds: int | None = None,
+) -> ProCurve:
+    """`pro_curve` from its parts: defect pixels' scores and region weights (1 / (|region| *
+    n_regions), see `_region_weights`) and the normal pixels' scores (reordered in place).
+
+    For maps of different sizes (tiled models), where no (N, H, W) stack exists; the caller
+    labels each image's regions itself (`label_components`).
+    """
+    if defect_scores.size == 0:
+        raise ValueError("PRO needs at least one defect region, but every mask is empty")
     if neg.size == 0:
         raise ValueError("PRO needs normal pixels to measure FPR, but every mask pixel is 1")
     order = np.argsort(defect_scores)

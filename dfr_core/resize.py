@@ -67,13 +67,19 @@ def _resample_axis(src: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     return np.moveaxis(acc, 0, axis)
 
 
-def resize_rgb_uint8(rgb: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 -> size x size x 3 uint8, antialiased bilinear (see the module docstring)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_rgb_uint8(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 (or, for size (h, w), h x w x 3) uint8, antialiased
+    bilinear (see the module docstring)."""
+    out_h, out_w = _hw(size)
+    if rgb.shape[0] == out_h and rgb.shape[1] == out_w:
         return np.ascontiguousarray(rgb)
     x = rgb.astype(np.float32)
-    x = _resample_axis(x, size, axis=1)  # horizontal pass first, as ATen does
-    x = _resample_axis(x, size, axis=0)
+    x = _resample_axis(x, out_w, axis=1)  # horizontal pass first, as ATen does
+    x = _resample_axis(x, out_h, axis=0)
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -104,8 +110,8 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image dtype {arr.dtype}")
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize any decoded image to the model's size x size RGB uint8 input.
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize any decoded image to the model's size x size (or (H, W)) RGB uint8 input.
 
     Antialiased bilinear, so that large archive images are downsampled without aliasing; the
     result stays uint8 so the decode stage ships 4x fewer bytes to the model stage.
