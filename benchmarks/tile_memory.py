@@ -148,8 +148,10 @@ def measure(models_uri: str, image_path: str, out: str, threads: int) -> dict:
         torch_threads=threads, write_threads=8, tile_batch=32,
     )  # fmt: skip
     actor = ScoringActor(config)
-    side = geometry.input_hw[0] if geometry.tile is None else -(-geometry.tile // geometry.tile_scale)
-    warm = _batch(_png(np.full((int(side), int(side), 3), 120, np.uint8)), geometry)
+    side = geometry.input_hw[0]
+    if geometry.tile is not None:  # one tile after the scale
+        side = int(np.ceil(geometry.tile / geometry.tile_scale))
+    warm = _batch(_png(np.full((side, side, 3), 120, np.uint8)), geometry)
     actor(warm)  # loads the model and runs it once
     batch = _batch(Path(image_path).read_bytes(), geometry)
     tiles = batch.column("tiles")[0].as_py()
@@ -200,7 +202,7 @@ def main() -> None:
         rows.append((name, result))
         print(f"{name}: {result}", flush=True)
     print()
-    print("| case | tiles | status | loaded actor RSS (MB) | peak above it during the call (MB) | call (s) |")
+    print("| case | tiles | status | loaded actor RSS (MB) | peak above it in the call (MB) | s |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
         print(

@@ -25,17 +25,12 @@ from dfr_core.artifact_meta import (  # noqa: F401 - re-exported: the torch-free
     HEAD_FILE,
     LIBRARY_VERSION,
     ArtifactError,
+    model_config_of,
     read_metadata,
     sha256_bytes,
 )
 from dfr_core.calibrate import Calibration
-from dfr_core.config import (
-    LEGACY_GEOMETRY_FIELDS,
-    LEGACY_V1_MODEL_FIELDS,
-    ModelConfig,
-    from_dict,
-    to_dict,
-)
+from dfr_core.config import to_dict
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 
@@ -91,39 +86,6 @@ def save_model(
     }
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
     return meta
-
-
-def model_config_of(meta: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig a model.json describes, with the meaning of the version that wrote it.
-
-    A format-1 file lacks the image-score fields; they get the values version 1 used (max of
-    the map), never today's defaults. From version 2 on every field must be present, except the
-    geometry fields of issue 12 (tile, tile_overlap, ...), whose absence means what every model
-    before them was: one square image_size, no tiling (LEGACY_GEOMETRY_FIELDS).
-    """
-    stored = meta["model_config"]
-    version = meta.get("format_version")
-    if not isinstance(stored, dict):
-        raise ArtifactError("bad model_config in model.json: not an object")
-    if not stored.get("layers") and isinstance(meta.get("backbone"), dict):
-        # "layers: []" meant "the backbone's default layers" when it was written; the layers it
-        # really used are recorded beside it, so a later change of a default cannot change them
-        stored = {**stored, "layers": list(meta["backbone"].get("layers") or [])}
-    # geometry fields (issue 12) absent: written before they existed, square and untiled
-    stored = {**LEGACY_GEOMETRY_FIELDS, **stored}
-    if version == 1:
-        stored = {**LEGACY_V1_MODEL_FIELDS, **stored}
-    else:
-        missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(stored))
-        if missing:
-            raise ArtifactError(
-                f"model.json (format_version {version}) lacks model_config fields {missing}; "
-                "refusing to fill them with defaults that could change what its scores mean"
-            )
-    try:
-        return from_dict(ModelConfig, stored)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"bad model_config in model.json: {exc}") from exc
 
 
 def load_head(directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> DFRHead:

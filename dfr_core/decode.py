@@ -156,26 +156,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise DecodeError(DecodeReason.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
 
 
-#: EXIF orientations that exif_transpose turns by 90 degrees (they swap width and height).
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-
-
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """The (height, width) decode_image would return, from the header alone (EXIF orientation
-    applied), or None when the header cannot tell (decode_image then names the problem).
+    """The (height, width) the header declares, or None when the header cannot tell
+    (decode_image then names the problem). No pixel is decoded.
 
-    Lets a caller refuse an image by its size (a tiled model's tile cap) before decoding a
-    single pixel; it is a hint, never a verdict: decode_image still checks everything.
+    EXIF orientation is NOT applied (reading it may decode the whole image, e.g. a PNG's eXIf
+    chunk after its pixels): decode_image may return the transposed size. Lets a caller refuse
+    an image by a size rule that does not depend on it (a tiled model's tile count and minimum
+    side are the same for both orientations) before decoding; a hint, never a verdict.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
+            width, height = Image.open(io.BytesIO(data)).size
     except Exception:  # any unreadable header: decode_image gives the specific reason
         return None
-    return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+    return height, width
 
 
 def decode_resized(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:

@@ -173,8 +173,10 @@ class Prepared(NamedTuple):
 
 def _refuse_by_header(data: bytes, geometry: ModelConfig, max_pixels: int) -> None:
     """Raise GeometryError from the header's size alone, before any pixel is decoded, so an
-    image beyond ``max_tiles`` never allocates its pixels or tiles. An image over the pixel cap
-    (or a header that cannot tell its size) is left to decode_image, which names that."""
+    image beyond ``max_tiles`` never allocates its pixels or tiles (the refusal does not depend
+    on EXIF orientation, which the header size lacks: a transposed image needs as many tiles).
+    An image over the pixel cap (or a header that cannot tell its size) is left to
+    decode_image, which names that."""
     hw = header_size(data)
     if hw is not None and hw[0] * hw[1] <= max_pixels:
         plan_tiles(geometry, *hw)

@@ -35,9 +35,7 @@ from pipeline.score_job import ScoreJobConfig, run_score_job
 pytestmark = pytest.mark.integration
 
 LAYERS = ("features.1", "features.3")
-TILED = ModelConfig(
-    backbone="mobilenet_v2", layers=LAYERS, tile=64, tile_overlap=16, max_tiles=12
-)
+TILED = ModelConfig(backbone="mobilenet_v2", layers=LAYERS, tile=64, tile_overlap=16, max_tiles=12)
 WIDE = ModelConfig(backbone="mobilenet_v2", layers=LAYERS, image_size=(64, 96))
 LINES = {"metal_plate": TILED, "woven_fabric": WIDE}
 TRAIN = TrainConfig(epochs=2, batch_size=4, positions_per_image=64, patience=0)
@@ -99,7 +97,8 @@ def scored(ray_session, tmp_path_factory) -> Scored:
         for i in range(10):
             files[str(tmp / "archive" / line / f"{i:03d}.png")] = _png(_image(line, i))
     for name, (shape, _) in BAD.items():
-        files[str(tmp / "archive" / "metal_plate" / name)] = _png(np.full((*shape, 3), 90, np.uint8))
+        plain = np.full((*shape, 3), 90, np.uint8)
+        files[str(tmp / "archive" / "metal_plate" / name)] = _png(plain)
     for uri, data in files.items():
         storage.write_bytes_atomic(uri, data)
     output = str(tmp / "out")
