@@ -9,8 +9,16 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from dfr_core.geometry import TilePlan
 from pipeline.listing import resolve
-from pipeline.score_stages import DecodeConfig, ReadConfig, decode_batch, read_batch
+from pipeline.score_stages import (
+    DecodeConfig,
+    Prepared,
+    ReadConfig,
+    decode_batch,
+    image_chunks,
+    read_batch,
+)
 
 
 def _png(h: int, w: int, gray: bool = False) -> bytes:
@@ -67,3 +75,19 @@ def test_read_then_decode(tmp_path):
     assert bad_line["error_reason"] == "bad_product_line" and bad_line["width"] is None
     for r in decoded.to_pylist():
         assert (r["status"] == "ok") == (r["error"] is None) == (r["pixels"] is not None)
+
+
+def _prepared(n_tiles: int) -> Prepared:
+    plan = TilePlan(64, 64, (64, 64), np.zeros((n_tiles, 2), np.int64), (32, 32))
+    return Prepared(np.zeros((n_tiles, 32, 32, 3), np.uint8), plan)
+
+
+def test_image_chunks_pack_whole_images_up_to_the_pass_size():
+    """An image's tiles are never split over two chunks; an image with more tiles than a pass
+    is a chunk alone; otherwise chunks fill up to the pass size, in row order."""
+    tiles = {0: 1, 1: 2, 2: 9, 3: 1, 4: 4, 5: 4}
+    prepared = {i: _prepared(n) for i, n in tiles.items()}
+    assert image_chunks(list(tiles), prepared, 4) == [[0, 1], [2], [3], [4], [5]]
+    assert image_chunks(list(tiles), prepared, 32) == [list(tiles)]
+    untiled = {i: _prepared(1) for i in range(5)}  # untiled models: batch_size images per pass
+    assert image_chunks(list(untiled), untiled, 2) == [[0, 1], [2, 3], [4]]
