@@ -94,10 +94,12 @@ def _train(work: Path, name: str, fields: dict) -> str:
 
     config = ModelConfig(**fields)
     normal = [render_normal(LINE, np.random.default_rng(i), 512) for i in range(6)]
-    train = np.concatenate([prepare_image(config, img)[0] for img in normal[:4]])[:24]
+    inputs = [prepare_image(config, img)[0] for img in normal]  # tiles, or the resized image
     train_cfg = TrainConfig(epochs=1, batch_size=4, positions_per_image=64, patience=0)
-    result = fit(build_extractor(config), config, train_cfg, train)
-    cal = calibrate(result.model, normal[4:], CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
+    result = fit(build_extractor(config), config, train_cfg, np.concatenate(inputs[:4])[:24])
+    # thresholds on held-out inputs (their values do not matter to memory)
+    held_out = np.concatenate(inputs[4:])
+    cal = calibrate(result.model, held_out, CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
     slug = name.replace(" ", "_").replace("@", "at")
     models_uri = str(work / "models" / slug)
     save_model(result.model, work / "trained" / slug, cal)
@@ -127,7 +129,7 @@ def _batch(data: bytes, geometry):
     return decode_batch(table, DecodeConfig({LINE: geometry}, 64_000_000))
 
 
-def measure(models_uri: str, image_path: str, out: str, threads: int) -> dict:
+def measure(models_uri: str, image_path: str, out: str, threads: int, tile_batch: int) -> dict:
     """In this (fresh) process: load the actor, then one measured call on the big image."""
     import numpy as np
     import torch
@@ -145,7 +147,7 @@ def measure(models_uri: str, image_path: str, out: str, threads: int) -> dict:
     config = ScoringConfig(
         models_uri=models_uri, models={LINE: version}, cache_dir=cache, options=None,
         output_uri=out, run_date=DATE, run_id="tile-memory", masks="all", heatmaps=True,
-        torch_threads=threads, write_threads=8, tile_batch=32,
+        torch_threads=threads, write_threads=8, tile_batch=tile_batch,
     )  # fmt: skip
     actor = ScoringActor(config)
     side = geometry.input_hw[0]
@@ -177,10 +179,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the actor")
     parser.add_argument("--out", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--case", action="append", choices=list(CASES), help="default: all")
+    parser.add_argument(
+        "--tile-batch", type=int, default=32, help="tiles per backbone pass (the job's batch size)"
+    )
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure, args.threads)))
+        print(json.dumps(measure(*args.measure, args.threads, args.tile_batch)))
         return
     work = Path(args.out or tempfile.mkdtemp(prefix="tile-memory-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -194,6 +199,7 @@ def main() -> None:
             Path(images[side]).write_bytes(_png(_texture(side)))
         models_uri = _train(work, name, {"layers": (), **fields})
         cmd = [sys.executable, __file__, "--threads", str(args.threads)]
+        cmd += ["--tile-batch", str(args.tile_batch)]
         cmd += ["--measure", models_uri, images[side], str(work / "out" / name.replace(" ", "_"))]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
