@@ -13,7 +13,7 @@ import pytest
 from pipeline import storage
 from pipeline.drift import ANOMALY_RATE, SCORE_SHIFT, DriftConfig, DriftReference, compute_drift
 from pipeline.drift_io import DRIFT_SCHEMA, write_line_drift
-from pipeline.input_stats import STAT_NAMES, image_stats
+from pipeline.input_stats import STAT_NAMES, image_stats, tiles_stats
 
 RNG = np.random.default_rng(0)
 
@@ -155,3 +155,16 @@ def test_a_small_calibration_set_widens_the_anomaly_rate_test() -> None:
     assert small.anomaly_p(60, 60) < 1e-6  # every image flagged still pages
     large = DriftReference(tuple(np.linspace(0, 1, 1000)), 0.99, 0.01, {})
     assert large.anomaly_p(18, 60) < 1e-6 and large.anomaly_p(1, 60) > 0.1
+
+
+def test_tiles_stats_pool_the_tiles_pixels() -> None:
+    """One input: exactly image_stats. Several tiles: the mean and standard deviation of all
+    their pixels (pooled exactly), the mean of the tiles' sharpness (no seam counted)."""
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    assert tiles_stats(tiles[:1]) == image_stats(tiles[0])
+    mean, std, sharp = tiles_stats(tiles)
+    luma = tiles.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert mean == pytest.approx(float(luma.mean()), rel=1e-5)
+    assert std == pytest.approx(float(luma.std()), rel=1e-4)
+    assert sharp == pytest.approx(np.mean([image_stats(t)[2] for t in tiles]), rel=1e-6)
