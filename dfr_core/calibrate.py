@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +12,8 @@ import numpy as np
 import torch
 
 from dfr_core.config import CalibrationConfig
-from dfr_core.inference import forward_batch
+from dfr_core.geometry import TilePlan
+from dfr_core.inference import ImageOutput, forward_batch, forward_images
 from dfr_core.model import AnomalyOutput, DFRModel, concat_outputs
 from dfr_core.precision import PrecisionSpec
 
@@ -81,9 +84,48 @@ def calibrate_outputs(out: AnomalyOutput, config: CalibrationConfig) -> Calibrat
     )
 
 
+#: Most map values the pixel threshold of per-image maps (tiled models: 2k x 2k each) is taken
+#: from; beyond it every image's values are thinned by one common stride (deterministic).
+MAX_CALIBRATION_PIXELS = 20_000_000
+
+
+def calibrate_image_outputs(outs: Sequence[ImageOutput], config: CalibrationConfig) -> Calibration:
+    """Thresholds from per-image outputs of any sizes (`forward_images`)."""
+    if not outs:
+        raise ValueError("cannot calibrate on zero images")
+    total = sum(o.anomaly_map.numel() for o in outs)
+    stride = max(1, math.ceil(total / MAX_CALIBRATION_PIXELS))
+    values = np.concatenate([o.anomaly_map.numpy().ravel()[::stride] for o in outs])
+    return Calibration(
+        pixel_threshold=upper_quantile(values, config.pixel_fpr),
+        image_threshold=upper_quantile(np.array([o.score for o in outs]), config.image_fpr),
+        pixel_fpr=config.pixel_fpr,
+        image_fpr=config.image_fpr,
+        n_images=len(outs),
+        max_threshold=upper_quantile(np.array([o.max_score for o in outs]), config.image_fpr),
+    )
+
+
+def _outputs_of(
+    model: DFRModel,
+    images: np.ndarray | Sequence[tuple[np.ndarray, TilePlan]],
+    device: torch.device | None,
+    spec: PrecisionSpec,
+) -> AnomalyOutput | list[ImageOutput]:
+    """Untiled inputs (an array, or prepared images of an untiled model): today's stacked
+    forward; a tiled model's prepared images: per-image stitched outputs."""
+    if isinstance(images, np.ndarray):
+        return compute_maps(model, images, device, precision=spec)
+    if model.config.tile is None:
+        stacked = np.concatenate([tiles for tiles, _ in images])
+        return compute_maps(model, stacked, device, precision=spec)
+    model.to(device or torch.device("cpu")).eval()
+    return forward_images(model, images, 8, spec)
+
+
 def calibrate(
     model: DFRModel,
-    normal_images: np.ndarray,
+    normal_images: np.ndarray | Sequence[tuple[np.ndarray, TilePlan]],
     config: CalibrationConfig | None = None,
     device: torch.device | None = None,
     precision: str = "fp32",
@@ -91,13 +133,19 @@ def calibrate(
     """Calibrate on normal images the model was not trained on (e.g. the held-out slice).
 
     ``precision`` (fp32, bf16, fp16) is the precision the thresholds are computed, recorded
-    and later enforced at; the model's eval precision is set to it.
+    and later enforced at; the model's eval precision is set to it. ``normal_images``: model
+    inputs (N, H, W, 3) or `dfr_core.geometry.prepare_image` outputs; a tiled model is
+    calibrated on the stitched, smoothed maps of whole images (what scoring thresholds).
     """
     if len(normal_images) == 0:
         raise ValueError("calibration needs at least one held-out normal image")
     spec = PrecisionSpec.for_device(precision, device or torch.device("cpu"))
-    out = compute_maps(model, normal_images, device, precision=spec)
+    out = _outputs_of(model, normal_images, device, spec)
     model.precision = spec
-    return dataclasses.replace(
-        calibrate_outputs(out, config or CalibrationConfig()), precision=spec.to_dict()
+    config = config or CalibrationConfig()
+    cal = (
+        calibrate_outputs(out, config)
+        if isinstance(out, AnomalyOutput)
+        else calibrate_image_outputs(out, config)
     )
+    return dataclasses.replace(cal, precision=spec.to_dict())

@@ -118,6 +118,12 @@ def _check_geometry(cfg: ModelConfig) -> None:
             else "x".join(str(v) for v in cfg.image_size)
         )
         raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {shown}")
+    if not 0.0 < cfg.tile_scale <= 16.0:
+        raise ValueError(f"tile_scale must be in (0, 16], got {cfg.tile_scale}")
+    if cfg.max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {cfg.max_tiles}")
+    if cfg.tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be >= 0, got {cfg.tile_overlap}")
     if cfg.tile is None:
         return
     if cfg.image_size != cfg.tile:
@@ -125,14 +131,10 @@ def _check_geometry(cfg: ModelConfig) -> None:
             f"a tiled model's input is its tile: image_size must be left at its default or equal "
             f"tile ({cfg.tile}), got {cfg.image_size}"
         )
-    if not 0 <= cfg.tile_overlap < cfg.tile:
+    if cfg.tile_overlap >= cfg.tile:
         raise ValueError(
             f"tile_overlap must be >= 0 and < tile ({cfg.tile}), got {cfg.tile_overlap}"
         )
-    if not 0.0 < cfg.tile_scale <= 16.0:
-        raise ValueError(f"tile_scale must be in (0, 16], got {cfg.tile_scale}")
-    if cfg.max_tiles < 1:
-        raise ValueError(f"max_tiles must be >= 1, got {cfg.max_tiles}")
 
 
 #: What the geometry fields meant before they existed (issue 12): one square image_size, no
@@ -163,11 +165,14 @@ class TrainConfig:
     cache_budget_mb: int = 4096  # memory for cached training features (fp16)
     pca_samples: int = 20000  # feature vectors sampled for the PCA latent width
     feature_batch_size: int = 8  # images per backbone forward while caching features
+    tiles_per_image: int = 0  # tiled models: tiles trained on per image; 0: all that fit the cache
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "positions_per_image", "feature_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tiles_per_image < 0:
+            raise ValueError(f"tiles_per_image must be >= 0, got {self.tiles_per_image}")
         if self.val_positions < 0:
             raise ValueError(f"val_positions must be >= 0, got {self.val_positions}")
         for name in ("val_fraction", "calib_fraction"):

@@ -174,7 +174,9 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
-def decode_resized(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_resized(
+    data: bytes, size: int | tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
     """Bytes -> the model's (size, size, 3) uint8 input and the original height and width:
     the one path from a stored image to model pixels (training, evaluation, scoring)."""
     array = decode_image(data, max_pixels)
@@ -185,10 +187,11 @@ def decode_resized(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
     return Decoded(pixels, int(array.shape[0]), int(array.shape[1]))
 
 
-def decode_mask(data: bytes, size: int) -> np.ndarray:
-    """Ground-truth mask bytes -> (size, size) bool: a pixel is defective when any channel is
-    above half range (8-bit scale), resized with nearest neighbour."""
+def decode_mask(data: bytes, size: int | tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask bytes -> (size, size) (or (H, W)) bool: a pixel is defective when any
+    channel is above half range (8-bit scale), resized with nearest neighbour."""
     array = decode_image(data)
     gray = to_rgb_uint8(array).max(axis=2) > 127
-    resized = Image.fromarray(gray).resize((size, size), Image.Resampling.NEAREST)
+    h, w = (size, size) if isinstance(size, int) else size
+    resized = Image.fromarray(gray).resize((w, h), Image.Resampling.NEAREST)
     return np.asarray(resized, dtype=bool)

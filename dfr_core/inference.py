@@ -10,8 +10,8 @@ precision contract of `dfr_core.precision`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -165,29 +165,29 @@ def _images_at_once(
     return outs
 
 
-@torch.no_grad()
-def forward_images(
+class TileGrids(NamedTuple):
+    """One image's per-tile error grids (N, Gh, Gw) and pooled raw features (N, C) or None."""
+
+    grids: torch.Tensor
+    pooled: torch.Tensor | None
+    plan: TilePlan
+
+
+def iter_tile_grids(
     model: DFRModel,
     prepared: Sequence[tuple[np.ndarray, TilePlan]],
     batch_size: int = 16,
     precision: PrecisionSpec | None = None,
-) -> list[ImageOutput]:
-    """`dfr_core.geometry.prepare_image` outputs -> one ImageOutput per image.
-
-    Tiles of consecutive images share backbone passes of at most ``batch_size`` tiles; an
-    image is finished (stitched, smoothed, scored) as soon as its last tile's grid is in, so
-    only the small error grids of unfinished images are held. For an untiled model the maps
-    and scores equal `forward_batch`'s on the same batches.
-    """
+) -> Iterator[TileGrids]:
+    """Per image, in order: its tiles' error grids, from backbone passes of at most
+    ``batch_size`` tiles shared by consecutive images. An image is yielded as soon as its last
+    tile's grid is in, so only the small grids of unfinished images are held."""
     precision = precision or model.precision
-    if model.head.config.tile is None:
-        return _images_at_once(model, prepared, batch_size, precision)
     head, extractor = model.head, model.extractor
     device = next(head.parameters()).device
     flat = [(i, k) for i, (tiles, _) in enumerate(prepared) for k in range(len(tiles))]
     grids: list[torch.Tensor] = []
     pooled: list[torch.Tensor] = []
-    outs: list[ImageOutput] = []
     next_image, held = 0, 0  # first unfinished image; grids held for it and later ones
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
@@ -204,10 +204,32 @@ def forward_images(
             all_grids = torch.cat(grids)
             all_pooled = torch.cat(pooled) if pooled else None
             part = None if all_pooled is None else all_pooled[: plan.n_tiles]
-            with exact_fp32(device):
-                outs.append(tiled_image_output(head, all_grids[: plan.n_tiles], part, plan))
+            yield TileGrids(all_grids[: plan.n_tiles], part, plan)
             grids = [all_grids[plan.n_tiles :]]
             pooled = [] if all_pooled is None else [all_pooled[plan.n_tiles :]]
             held -= plan.n_tiles
             next_image += 1
+
+
+@torch.no_grad()
+def forward_images(
+    model: DFRModel,
+    prepared: Sequence[tuple[np.ndarray, TilePlan]],
+    batch_size: int = 16,
+    precision: PrecisionSpec | None = None,
+) -> list[ImageOutput]:
+    """`dfr_core.geometry.prepare_image` outputs -> one ImageOutput per image.
+
+    Tiled models: `iter_tile_grids`, then each image stitched, smoothed and scored
+    (`dfr_core.tiling`). For an untiled model the maps and scores equal `forward_batch`'s on
+    batches of ``batch_size`` images.
+    """
+    precision = precision or model.precision
+    if model.head.config.tile is None:
+        return _images_at_once(model, prepared, batch_size, precision)
+    device = next(model.head.parameters()).device
+    outs: list[ImageOutput] = []
+    for item in iter_tile_grids(model, prepared, batch_size, precision):
+        with exact_fp32(device):
+            outs.append(tiled_image_output(model.head, item.grids, item.pooled, item.plan))
     return outs

@@ -196,3 +196,11 @@ def aupro(masks: Any, maps: Any, max_fpr: float = 0.3) -> float:
     """
     curve = pro_curve(masks, maps, max_fpr)
     return min(max(_trapezoid(curve.pro, curve.fpr) / max_fpr, 0.0), 1.0)
+
+
+def aupro_from_parts(
+    defect_scores: np.ndarray, weights: np.ndarray, neg: np.ndarray, max_fpr: float = 0.3
+) -> float:
+    """`aupro` from its parts (see `pro_curve_from_parts`): maps of different sizes."""
+    curve = pro_curve_from_parts(defect_scores, weights, neg, max_fpr)
+    return min(max(_trapezoid(curve.pro, curve.fpr) / max_fpr, 0.0), 1.0)

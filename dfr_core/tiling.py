@@ -66,16 +66,24 @@ def stitch(tile_maps: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     return total / count
 
 
-def tiled_image_output(
+def tiled_terms(
     head: TiledHead, grids: torch.Tensor, pooled: torch.Tensor | None, plan: TilePlan
-) -> ImageOutput:
+) -> tuple[torch.Tensor, ScoreTerms]:
     """One tiled image's (N, Gh, Gw) error grids (and (N, C) pooled raw features when the model
-    has a global term) -> its stitched, smoothed map and score (see the module docstring)."""
+    has a global term) -> its stitched, smoothed (1, H, W) map and raw score terms (see the
+    module docstring)."""
     tiles = head.upsample_grid(grids.float())
     full = stitch(tiles, plan)[None]
     distance = head.global_distance(pooled)
     if distance is not None:
         distance = distance.amax().reshape(1)
-    amap, terms = head.map_terms(full, distance)
+    return head.map_terms(full, distance)
+
+
+def tiled_image_output(
+    head: TiledHead, grids: torch.Tensor, pooled: torch.Tensor | None, plan: TilePlan
+) -> ImageOutput:
+    """`tiled_terms`, normalised and fused into the image score."""
+    amap, terms = tiled_terms(head, grids, pooled, plan)
     score = head.combine(terms)
     return ImageOutput(amap[0].float().cpu(), float(score[0]), float(terms.max_score[0]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +21,15 @@ from dfr_core.device import inference_mode
 from dfr_core.features import FeatureExtractor
 from dfr_core.model import DFRHead, DFRModel
 from dfr_core.preprocess import normalize_batch
-from dfr_core.scoring import ledoit_wolf, pooled, quantile_scale
+from dfr_core.score_fit import (  # noqa: F401 - re-exported (they lived here)
+    feature_batches,
+    fit_global_term,
+    fit_score_scales,
+    pooled_bank,
+    scales_from_terms,
+    score_scales,
+)
+from dfr_core.train_inputs import TrainImages, count_images, model_inputs
 
 
 class EpochStats(NamedTuple):
@@ -225,57 +233,6 @@ def build_head(
     return head, latent
 
 
-@torch.no_grad()
-def pooled_bank(head: DFRHead, bank: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, C) mean over cached positions of each image's standardised features."""
-    rows = [pooled(head.standardize(c.float()[..., None].to(device))).cpu() for c in bank.split(16)]
-    return torch.cat(rows)
-
-
-def feature_batches(
-    extractor: FeatureExtractor, images: np.ndarray, batch_size: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Regional features of (N, S, S, 3) uint8 images, batch by batch, float32 on `device`."""
-    for i in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-        with inference_mode(device):
-            feats = extractor(normalize_batch(batch.to(device)))
-        yield feats.float()
-
-
-@torch.no_grad()
-def fit_global_term(head: DFRHead, bank: torch.Tensor, device: torch.device) -> dict:
-    """The training images' pooled-feature Gaussian (Ledoit-Wolf), for global_weight > 0."""
-    if head.config.global_weight <= 0:
-        return {}
-    mean, precision, shrink = ledoit_wolf(pooled_bank(head, bank, device))
-    head.set_global_gaussian(mean.to(device), precision.to(device))
-    return {"global_shrinkage": shrink}
-
-
-@torch.no_grad()
-def fit_score_scales(head: DFRHead, batches: Iterable[torch.Tensor]) -> dict:
-    """Each term's (q_lo, q_hi) on held-out normal images' features, for score_norm='quantile'.
-
-    Takes feature batches (not images) so a benchmark can refit the scales of another score
-    configuration from cached features; deterministic.
-    """
-    if head.config.score_norm != "quantile":
-        return {}
-    terms = [head.terms(feats)[1] for feats in batches]
-    local = quantile_scale(torch.cat([t.local.cpu() for t in terms]))
-    glob = None
-    if head.config.global_weight > 0:
-        glob = quantile_scale(torch.cat([t.global_distance.cpu() for t in terms]))
-    device = head.feature_mean.device
-    head.set_score_scales(local.to(device), None if glob is None else glob.to(device))
-    return {
-        "local_scale": local.tolist(),
-        "global_scale": None if glob is None else glob.tolist(),
-        "scale_images": sum(len(t.local) for t in terms),
-    }
-
-
 class HeadFit(NamedTuple):
     """A head trained on cached features (best weights restored if a validation bank was given)."""
 
@@ -341,12 +298,17 @@ def fit(
     extractor: FeatureExtractor,
     model_config: ModelConfig,
     train_config: TrainConfig,
-    train_images: np.ndarray,
-    val_images: np.ndarray | None = None,
+    train_images: TrainImages,
+    val_images: TrainImages | None = None,
     device: torch.device | None = None,
     progress: ProgressFn | None = None,
 ) -> FitResult:
-    """Train a DFR head on normal images (N, S, S, 3) uint8; early-stop on val_images if given."""
+    """Train a DFR head on normal images; early-stop on val_images if given.
+
+    Images: (N, H, W, 3) uint8 at the model input (untiled), or `dfr_core.geometry.
+    prepare_image` outputs (any geometry; a tiled model trains on their tiles, see
+    dfr_core.train_inputs, and sets its score scales on whole stitched images).
+    """
     device = device or torch.device("cpu")
     cfg = train_config
     if len(train_images) < 2:
@@ -354,10 +316,13 @@ def fit(
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     extractor.to(device).eval()
-    bank = extract_bank(extractor, train_images, cfg, device, gen)
+    channels = extractor.channels
+    train_inputs = model_inputs(train_images, model_config, cfg, channels, cfg.seed)
+    bank = extract_bank(extractor, train_inputs, cfg, device, gen)
     val_bank = None
     if val_images is not None and len(val_images):
-        val_bank = extract_bank(extractor, val_images, cfg, device, gen)
+        val_inputs = model_inputs(val_images, model_config, cfg, channels, cfg.seed + 1)
+        val_bank = extract_bank(extractor, val_inputs, cfg, device, gen)
         val_bank = subsample_positions(val_bank, cfg.val_positions, cfg.seed)
     t_features = time.perf_counter() - t0
     head, latent, history, best_epoch, best_loss = fit_head(
@@ -366,13 +331,14 @@ def fit(
     head.eval()
     norm_images = val_images if val_images is not None and len(val_images) else train_images
     score_terms = fit_global_term(head, bank, device)
-    batches = feature_batches(extractor, norm_images, cfg.feature_batch_size, device)
-    score_terms.update(fit_score_scales(head, batches))
+    model = DFRModel(extractor, head)
+    score_terms.update(score_scales(model, norm_images, cfg, device))
     score_terms["scales_from"] = "early_stopping" if norm_images is val_images else "training"
     head.eval()
     summary = {
         "train_images": int(len(train_images)),
-        "val_images": 0 if val_images is None else int(len(val_images)),
+        "val_images": count_images(val_images),
+        "train_inputs": int(len(train_inputs)),
         "channels": extractor.channels,
         "latent_dim": latent,
         "epochs_run": len(history),
@@ -385,4 +351,4 @@ def fit(
         "train_config": to_dict(cfg),
         "history": history,
     }
-    return FitResult(DFRModel(extractor, head), summary)
+    return FitResult(model, summary)

@@ -81,16 +81,31 @@ def _subsample(values: list[float], seed: int = 0) -> tuple[float, ...]:
 
 def make_reference(
     model: DFRModel,
-    calibration_images: np.ndarray,
-    train_images: np.ndarray,
+    calibration_images: np.ndarray | list,
+    train_images: np.ndarray | list,
     calibration: Calibration,
     device: torch.device | None = None,
 ) -> DriftReference:
     """Scores of the calibration images (the same forward pass as calibration) and input
-    statistics of every normal image the line was trained and calibrated on."""
-    from dfr_core.calibrate import compute_maps
+    statistics of every normal image the line was trained and calibrated on.
 
-    scores = compute_maps(model, calibration_images, device).score.numpy().tolist()
+    A tiled model's images come prepared (lists of (tiles, plan)): its scores are the stitched
+    images' (dfr_core.inference.forward_images) and its input statistics are per TILE, the
+    inputs the model sees."""
+    from dfr_core.calibrate import compute_maps
+    from dfr_core.inference import forward_images
+
+    if not isinstance(calibration_images, np.ndarray):
+        if device is not None:
+            model.to(device)
+        model.eval()
+        scores = [o.score for o in forward_images(model, calibration_images)]
+        calibration_images = np.concatenate([t for t, _ in calibration_images])
+        train_images = (
+            np.concatenate([t for t, _ in train_images]) if len(train_images) else np.zeros(0)
+        )
+    else:
+        scores = compute_maps(model, calibration_images, device).score.numpy().tolist()
     normals = (
         np.concatenate([train_images, calibration_images])
         if len(train_images)

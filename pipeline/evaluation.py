@@ -27,9 +27,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from dfr_core import metrics
 from dfr_core.artifact import LoadedModel, load_model, read_metadata
 from dfr_core.calibrate import Calibration, compute_maps
+from dfr_core.config import ModelConfig
 from dfr_core.evaluate import EvalResult, evaluate_outputs, evaluation_curves
+from dfr_core.evaluate_images import evaluate_image_outputs
+from dfr_core.inference import forward_images
 from dfr_core.model import AnomalyOutput, DFRModel
 from pipeline import registry, storage
 from pipeline.feedback import DEFECT, LABELS, NORMAL, FeedbackRow
@@ -43,6 +47,7 @@ from pipeline.mvtec_remote import (
     load_samples,
 )
 from pipeline.storage import StorageOptions
+from pipeline.tiled_sets import TiledSet, load_tiled_set
 
 LISTING_SUFFIXES = (".csv", ".parquet")
 EVALUATIONS = "_evaluations"
@@ -119,11 +124,19 @@ def feedback_samples(rows: tuple[FeedbackRow, ...]) -> list[LabelledSample]:
 
 
 def load_eval_set(
-    samples: list[LabelledSample], size: int, options: StorageOptions | None = None
-) -> LabelledSet:
+    samples: list[LabelledSample],
+    geometry: ModelConfig | int | tuple[int, int],
+    options: StorageOptions | None = None,
+) -> LabelledSet | TiledSet:
+    """The samples read for a model: resized to its input (masks too, nearest) for an untiled
+    model or a bare size; for a tiled model, prepared images with masks at the ORIGINAL size."""
     if not samples:
         raise LabelledSetError("the evaluation set is empty")
-    return load_samples(samples, size, options)
+    if isinstance(geometry, ModelConfig):
+        if geometry.tile is not None:
+            return load_tiled_set(samples, geometry, options)
+        geometry = geometry.image_size
+    return load_samples(samples, geometry, options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,16 +162,43 @@ def metrics_of(out: AnomalyOutput, lset: LabelledSet, calibration: Calibration |
     return full._replace(pixel_auroc=pix.pixel_auroc, pro=pix.pro, f1=pix.f1, iou=pix.iou)
 
 
+def _evaluate_tiled(
+    model: DFRModel,
+    calibration: Calibration | None,
+    tset: TiledSet,
+    device: torch.device | None,
+    curves: bool,
+) -> dict[str, Any]:
+    """A tiled model on its stitched maps, pixels at the original resolution."""
+    model.to(device or torch.device("cpu")).eval()
+    t0 = time.perf_counter()
+    outs = forward_images(model, tset.images)
+    ms = 1000.0 * (time.perf_counter() - t0) / len(outs)
+    result = evaluate_image_outputs(outs, tset.masks, tset.labels, calibration, ms)._asdict()
+    result["skipped_images"] = len(tset.failures)
+    result["pixels_at"] = "original resolution"
+    if curves:  # the image ROC (the PRO curve of per-image maps is not stored)
+        try:
+            fpr, tpr, _ = metrics.roc_curve(tset.labels, np.array([o.score for o in outs]))
+            idx = np.unique(np.linspace(0, len(fpr) - 1, min(200, len(fpr))).round().astype(int))
+            result["curves"] = {"roc": {"fpr": fpr[idx].tolist(), "tpr": tpr[idx].tolist()}}
+        except ValueError:
+            result["curves"] = {}
+    return result
+
+
 def evaluate_model(
     model: DFRModel,
     calibration: Calibration | None,
-    lset: LabelledSet,
+    lset: LabelledSet | TiledSet,
     device: torch.device | None = None,
     curves: bool = True,
 ) -> dict[str, Any]:
     """The metrics dict stored in model.json / evaluation records (EvalResult fields + extras)."""
     if not len(lset.images):
         raise LabelledSetError("no readable images in the evaluation set")
+    if isinstance(lset, TiledSet):
+        return _evaluate_tiled(model, calibration, lset, device, curves)
     t0 = time.perf_counter()
     out = compute_maps(model, lset.images, device)
     ms = 1000.0 * (time.perf_counter() - t0) / len(lset.images)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dfr_core.config import size_hw
 from dfr_core.decode import DecodeError, decode_resized
 from pipeline import storage
 from pipeline.storage import (  # noqa: F401 - canonical_uri re-exported (moved to storage)
@@ -97,13 +98,16 @@ def resolve_images(uri: str, options: StorageOptions | None = None) -> list[str]
     return storage.list_files(uri, suffixes=IMAGE_SUFFIXES, options=options)
 
 
-def read_image(uri: str, size: int, options: StorageOptions | None = None) -> np.ndarray:
-    """Read, decode and resize one image to (S, S, 3) uint8 (DecodeError when unusable)."""
+def read_image(
+    uri: str, size: int | tuple[int, int], options: StorageOptions | None = None
+) -> np.ndarray:
+    """Read, decode and resize one image to (S, S, 3) (or (H, W, 3)) uint8 (DecodeError when
+    unusable)."""
     return decode_resized(storage.read_bytes(uri, options), size).pixels
 
 
 def _read_or_failure(
-    uri: str, size: int, options: StorageOptions | None
+    uri: str, size: int | tuple[int, int], options: StorageOptions | None
 ) -> np.ndarray | ImageFailure:
     try:
         return read_image(uri, size, options)
@@ -113,7 +117,9 @@ def _read_or_failure(
         return ImageFailure(uri, "missing")
 
 
-def load_images(uris: list[str], size: int, options: StorageOptions | None = None) -> LoadedImages:
+def load_images(
+    uris: list[str], size: int | tuple[int, int], options: StorageOptions | None = None
+) -> LoadedImages:
     """Read many images in parallel; unusable ones are returned as failures, not raised.
 
     Other errors (connection failures, permissions) propagate: they are not properties of the
@@ -123,7 +129,7 @@ def load_images(uris: list[str], size: int, options: StorageOptions | None = Non
         results = list(pool.map(lambda u: _read_or_failure(u, size, options), uris))
     good = [(u, r) for u, r in zip(uris, results, strict=True) if isinstance(r, np.ndarray)]
     failures = [r for r in results if isinstance(r, ImageFailure)]
-    images = np.empty((len(good), size, size, 3), dtype=np.uint8)
+    images = np.empty((len(good), *size_hw(size), 3), dtype=np.uint8)
     for i, (_, array) in enumerate(good):
         images[i] = array
     return LoadedImages(images, [u for u, _ in good], failures)

@@ -12,10 +12,12 @@ Columns (header required, names case-insensitive):
   ``.txt``/``.csv``/``.lst`` file listing image URIs.
 * ``val_uri`` - held-out normal images for calibration (else a fraction of train_uri is held out).
 * ``test_uri`` - an MVTec-layout labelled set; when given the model is evaluated on it.
-* ``image_size``, ``epochs``, ``backbone`` - per-line overrides of the job's flags.
+* ``image_size`` (``N`` or ``HxW``, e.g. ``640x256``), ``epochs``, ``backbone`` - per-line
+  overrides of the job's flags.
 * the model options of :mod:`pipeline.model_options` (``preset``, ``layers``, ``feature_norm``,
   ``smoothing_sigma``, ``image_score``, ``topk_fraction``, ``score_norm``, ``global_weight``,
-  ``pixel_fpr``, ``image_fpr``) - per-line overrides of the job's flags of the same name.
+  ``tile``, ``tile_overlap``, ``tile_scale``, ``max_tiles``, ``pixel_fpr``, ``image_fpr``) -
+  per-line overrides of the job's flags of the same name.
 
 Relative local paths in a local manifest are resolved against the manifest's directory, so a
 manifest can be moved together with its data.
@@ -35,10 +37,9 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from dfr_core.backbones import list_backbones
-from dfr_core.config import ModelConfig
 from pipeline import storage
 from pipeline.image_sets import resolve_images
-from pipeline.model_options import OPTION_NAMES, parse_cell
+from pipeline.model_options import OPTION_NAMES, parse_cell, parse_image_size
 from pipeline.mvtec_remote import LabelledSetError, list_labelled_set
 from pipeline.storage import StorageOptions
 
@@ -67,7 +68,7 @@ class ManifestRow:
     train_uri: str
     val_uri: str | None = None
     test_uri: str | None = None
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
     epochs: int | None = None
     backbone: str | None = None
     #: model options set in this row's cells (pipeline.model_options), typed; absent: not set
@@ -139,14 +140,6 @@ def _parse_int(value: str, check: Callable[[int], str | None]) -> tuple[int | No
     return (None, error) if error else (number, None)
 
 
-def _image_size_error(size: int) -> str | None:
-    try:
-        ModelConfig(image_size=size)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 def _epochs_error(epochs: int) -> str | None:
     return None if epochs >= 1 else f"epochs must be >= 1, got {epochs}"
 
@@ -215,12 +208,16 @@ def _parse_row(
                 values[column] = _resolve_uri(cells[column], base_dir, options)
             except ValueError as exc:
                 problems.append(Problem(line, column, storage.redact(str(exc))))
-    for column, check in (("image_size", _image_size_error), ("epochs", _epochs_error)):
-        if cells.get(column):
-            number, error = _parse_int(cells[column], check)
-            if error:
-                problems.append(Problem(line, column, error))
-            values[column] = number
+    if cells.get("image_size"):
+        size, error = parse_image_size(cells["image_size"])
+        if error:
+            problems.append(Problem(line, "image_size", error))
+        values["image_size"] = size
+    if cells.get("epochs"):
+        number, error = _parse_int(cells["epochs"], _epochs_error)
+        if error:
+            problems.append(Problem(line, "epochs", error))
+        values["epochs"] = number
     backbone = cells.get("backbone")
     if backbone:
         if backbone not in list_backbones():

@@ -24,8 +24,26 @@ from dfr_core.config import (
     CalibrationConfig,
     ModelConfig,
     TrainConfig,
+    parse_size,
     preset_fields,
 )
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def parse_image_size(value: str) -> tuple[int | tuple[int, int] | None, str | None]:
+    """An ``image_size`` cell or flag, ``N`` or ``HxW`` -> (size, None) or (None, the problem)."""
+    try:
+        size = parse_size(value) if "x" in value.lower() else _int(value)
+        ModelConfig(image_size=size)
+    except ValueError as exc:
+        return None, str(exc)
+    return size, None
 
 
 def _float(text: str) -> float:
@@ -73,6 +91,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("topk_fraction", ModelConfig, _float, "fraction of the map for topk_mean"),
     Option("score_norm", ModelConfig, _choice(SCORE_NORMS), "score normalisation"),
     Option("global_weight", ModelConfig, _float, "weight of the global term (0: off)"),
+    # geometry (issue 12); the longer names first, so a message naming both blames the right one
+    Option("tile_overlap", ModelConfig, _int, "overlap of neighbouring tiles, pixels"),
+    Option("tile_scale", ModelConfig, _float, "resize factor of the image before tiling"),
+    Option("max_tiles", ModelConfig, _int, "most tiles per image (more: an error row)"),
+    Option("tile", ModelConfig, _int, "tile side in pixels (a multiple of 32); unset: no tiling"),
     Option("pixel_fpr", CalibrationConfig, _float, "target pixel FPR of the mask threshold"),
     Option("image_fpr", CalibrationConfig, _float, "target image FPR of the image threshold"),
 )

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dfr_core.config import size_hw
 from dfr_core.datasets import GOOD, mask_name
 from dfr_core.decode import DecodeError, decode_mask
 from pipeline import storage
@@ -80,18 +81,18 @@ def list_labelled_set(uri: str, options: StorageOptions | None = None) -> list[L
     return samples
 
 
-def _read_mask(uri: str, size: int, options: StorageOptions | None) -> np.ndarray:
+def _read_mask(uri: str, size: int | tuple[int, int], options: StorageOptions | None) -> np.ndarray:
     """Binarised mask resized with nearest neighbour (dfr_core.decode, as dfr_core.datasets)."""
     return decode_mask(storage.read_bytes(uri, options), size)
 
 
 def _read_sample(
-    sample: LabelledSample, size: int, options: StorageOptions | None
+    sample: LabelledSample, size: int | tuple[int, int], options: StorageOptions | None
 ) -> tuple[np.ndarray, np.ndarray] | ImageFailure:
     try:
         image = read_image(sample.image_uri, size, options)
         mask = (
-            np.zeros((size, size), dtype=bool)
+            np.zeros(size_hw(size), dtype=bool)
             if sample.mask_uri is None
             else _read_mask(sample.mask_uri, size, options)
         )
@@ -100,13 +101,17 @@ def _read_sample(
     return image, mask
 
 
-def load_labelled_set(uri: str, size: int, options: StorageOptions | None = None) -> LabelledSet:
+def load_labelled_set(
+    uri: str, size: int | tuple[int, int], options: StorageOptions | None = None
+) -> LabelledSet:
     """Read a labelled set; unreadable images (or masks) are skipped and reported as failures."""
     return load_samples(list_labelled_set(uri, options), size, options)
 
 
 def load_samples(
-    samples: list[LabelledSample], size: int, options: StorageOptions | None = None
+    samples: list[LabelledSample],
+    size: int | tuple[int, int],
+    options: StorageOptions | None = None,
 ) -> LabelledSet:
     """Read labelled samples from anywhere (a listing, feedback); a defect without a mask gets
     an all-zero mask, so pixel metrics must skip it (pipeline.evaluation does)."""
@@ -116,8 +121,8 @@ def load_samples(
         (s, r) for s, r in zip(samples, results, strict=True) if not isinstance(r, ImageFailure)
     ]
     n = len(kept)
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    masks = np.zeros((n, size, size), dtype=bool)
+    images = np.empty((n, *size_hw(size), 3), dtype=np.uint8)
+    masks = np.zeros((n, *size_hw(size)), dtype=bool)
     for i, (_, (image, mask)) in enumerate(kept):
         images[i], masks[i] = image, mask
     labels = np.array([s.defect != GOOD for s, _ in kept], dtype=np.int64)

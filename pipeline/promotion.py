@@ -216,7 +216,7 @@ def gate_candidate(
         config = model_config_of(meta)
         weights = registry.resolve_weights(meta, cache_dir, options)
         loaded = load_model(directory, weights, extractor_factory(config, weights))
-        lset = evaluation.load_eval_set(samples, config.image_size, options)
+        lset = evaluation.load_eval_set(samples, config, options)
         metrics = evaluation.evaluate_model(
             loaded.model, loaded.calibration, lset, device, curves=False
         )

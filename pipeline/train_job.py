@@ -13,17 +13,21 @@ a worker that dies (OOM-killed, node lost) is re-run by Ray up to `system_retrie
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import ray
+from PIL import Image
 
 from dfr_core.backbones import list_backbones
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
+from dfr_core.geometry import GeometryError, plan_tiles
 from pipeline import promotion, registry, storage
 from pipeline.feedback import load_feedback
+from pipeline.image_sets import resolve_images
 from pipeline.manifest import ManifestCheck, ManifestError, ManifestRow, Problem, load_manifest
 from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter
@@ -43,7 +47,7 @@ class TrainJobConfig:
     backbone: str | None = None
     weights_uri: str | None = None  # backbone weights for every line (default: offline package)
     epochs: int | None = None
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
     address: str | None = None  # None: start a local Ray; "auto", "host:port", "ray://..."
     gpus_per_task: float = 0.0
     cpus_per_task: float = 1.0
@@ -164,6 +168,27 @@ def build_tasks(
     return tasks
 
 
+def geometry_problems(task: LineTask, options: StorageOptions) -> list[Problem]:
+    """A tiled line whose first training image cannot hold one tile (after tile_scale) is a
+    manifest problem, reported before anything trains (only that image's header is parsed)."""
+    if task.model.tile is None:
+        return []
+    uris = resolve_images(task.row.train_uri, options)
+    if not uris:
+        return []
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(uris[0], options))) as im:
+            width, height = im.size
+    except (OSError, ValueError):
+        return []  # unreadable: the task reports it with its decode reason
+    try:
+        plan_tiles(replace(task.model, max_tiles=10**9), height, width)
+    except GeometryError as exc:
+        column = "tile_scale" if "tile_scale" in task.row.options else "tile"
+        return [Problem(task.row.line, column, f"{exc} (first training image {uris[0]})")]
+    return []
+
+
 def _ensure_ray(config: TrainJobConfig) -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
     return ensure_ray(config.address, log_to_driver=True)  # --address: pipeline.ray_runtime
@@ -218,6 +243,9 @@ def run_train_job(config: TrainJobConfig, echo: Echo | None = None) -> TrainJobR
     if config.weights_uri and not storage.exists(config.weights_uri, options):
         raise FileNotFoundError(f"--weights {config.weights_uri}: not found")
     tasks = _with_feedback(config, build_tasks(config, rows, options), options)
+    problems = [p for task in tasks for p in geometry_problems(task, options)]
+    if problems:
+        raise ManifestError(config.manifest_uri, problems)
     echo(f"manifest OK: {len(tasks)} product line{'s' if len(tasks) != 1 else ''}")
     started = _ensure_ray(config)
     try:

@@ -39,6 +39,7 @@ from pipeline.manifest import ManifestRow
 from pipeline.mvtec_remote import LabelledSample, LabelledSetError
 from pipeline.progress import TaskReporter
 from pipeline.storage import StorageOptions
+from pipeline.tiled_sets import join, load_prepared, take
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ def get_extractor(config: ModelConfig, weights_path: str | None) -> FeatureExtra
     return FeatureExtractor(backbone, config.image_size, config.pool)
 
 
+def _loader(task: LineTask):  # noqa: ANN202 - uris -> LoadedImages
+    """Untiled: images resized to the model input (an array); tiled: prepared (tiles, plan)."""
+    if task.model.tile is None:
+        return lambda uris: load_images(uris, task.model.image_size, task.storage)
+    return lambda uris: load_prepared(uris, task.model, task.storage)
+
+
 def _check_loaded(
     loaded: LoadedImages, column: str, uri: str, minimum: int, task: LineTask
 ) -> None:
@@ -113,11 +121,12 @@ def _check_loaded(
 
 
 class LineImages(NamedTuple):
-    """A line's normal images by use: training, early stopping, calibration (never shared)."""
+    """A line's normal images by use: training, early stopping, calibration (never shared).
+    Arrays at the model input (untiled) or lists of prepared (tiles, plan) (tiled models)."""
 
-    train: np.ndarray
-    early_stopping: np.ndarray
-    calibration: np.ndarray
+    train: np.ndarray | list
+    early_stopping: np.ndarray | list
+    calibration: np.ndarray | list
     holdout: dict[str, list[str]]  # which image URIs served early stopping / calibration
     skipped: int
 
@@ -129,25 +138,26 @@ def _read_split(task: LineTask, reporter: TaskReporter) -> LineImages:
     calib_fraction); with val_uri, val_uri is the calibration set and early stopping uses a
     val_fraction slice of train_uri.
     """
-    row, size, opts, cfg = task.row, task.model.image_size, task.storage, task.train
+    row, opts, cfg, load = task.row, task.storage, task.train, _loader(task)
     reporter.stage("reading images")
-    loaded = load_images(resolve_images(row.train_uri, opts), size, opts)
+    loaded = load(resolve_images(row.train_uri, opts))
     _check_loaded(loaded, "train_uri", row.train_uri, task.min_train_images, task)
     skipped = len(loaded.failures)
     uris = np.array(loaded.uris, dtype=object)
     if row.val_uri is not None:
-        val = load_images(resolve_images(row.val_uri, opts), size, opts)
+        val = load(resolve_images(row.val_uri, opts))
         _check_loaded(val, "val_uri", row.val_uri, 1, task)
         split = holdout_splits(len(loaded.images), cfg.val_fraction, 0.0, cfg.seed)
         cal_images, cal_uris = val.images, list(val.uris)
         skipped += len(val.failures)
     else:
         split = holdout_splits(len(loaded.images), cfg.val_fraction, cfg.calib_fraction, cfg.seed)
-        cal_images, cal_uris = loaded.images[split.calibration], list(uris[split.calibration])
+        cal_images = take(loaded.images, split.calibration)
+        cal_uris = list(uris[split.calibration])
     holdout = {"early_stopping": list(uris[split.early_stopping]), "calibration": cal_uris}
     return LineImages(
-        loaded.images[split.train], loaded.images[split.early_stopping], cal_images, holdout,
-        skipped,
+        take(loaded.images, split.train), take(loaded.images, split.early_stopping), cal_images,
+        holdout, skipped,
     )  # fmt: skip
 
 
@@ -167,7 +177,7 @@ def _evaluate(
     device: torch.device,
     samples: list[LabelledSample],
 ) -> dict[str, Any]:
-    test = evaluation.load_eval_set(samples, task.model.image_size, task.storage)
+    test = evaluation.load_eval_set(samples, task.model, task.storage)
     if not len(test.images):
         raise LineDataError(f"no readable images in test_uri {task.row.test_uri}")
     return evaluation.evaluate_model(model, calibration, test, device)
@@ -175,7 +185,7 @@ def _evaluate(
 
 def _feedback_normals(task: LineTask) -> LoadedImages | None:
     uris = [r.image_uri for r in task.feedback if r.label == NORMAL]
-    return load_images(uris, task.model.image_size, task.storage) if uris else None
+    return _loader(task)(uris) if uris else None
 
 
 def _node_id() -> str | None:
@@ -189,7 +199,7 @@ def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
     train_images, n_train, skipped = split.train, len(split.train), split.skipped
     normals = _feedback_normals(task)
     if normals is not None:  # confirmed false positives train the model as normal images
-        train_images = np.concatenate([train_images, normals.images])
+        train_images = join(train_images, normals.images)
         n_train, skipped = n_train + len(normals.images), skipped + len(normals.failures)
     weights_path = None
     if task.weights_uri:

@@ -61,8 +61,8 @@ def evaluate(
         version = version or evaluation.line_has_model(models_uri, product_line, options)
         samples = evaluation.list_eval_samples(data_uri, product_line, options)
         loaded = evaluation.load_version(models_uri, product_line, version, cache_dir, options)
-        size = model_config_of(loaded.metadata).image_size
-        lset = evaluation.load_eval_set(samples, size, options)
+        geometry = model_config_of(loaded.metadata)
+        lset = evaluation.load_eval_set(samples, geometry, options)
         metrics = evaluation.evaluate_model(
             loaded.model, loaded.calibration, lset, pick_device(), curves=False
         )

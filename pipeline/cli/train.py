@@ -19,7 +19,7 @@ from pipeline.cli.options import (
     storage_options,
 )
 from pipeline.manifest import ManifestError
-from pipeline.model_options import OPTIONS, parse_cell
+from pipeline.model_options import OPTIONS, parse_cell, parse_image_size
 from pipeline.progress import render_table
 from pipeline.train_job import OK, TrainJobConfig, TrainJobResult, run_train_job
 
@@ -74,6 +74,15 @@ def format_results(result: TrainJobResult) -> str:
     return "\n".join([text, *errors, *held])
 
 
+def _parse_image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    size, error = parse_image_size(value)
+    if error:
+        raise click.BadParameter(error)
+    return size
+
+
 @click.command("train")
 @click.option(
     "--products",
@@ -109,9 +118,11 @@ def format_results(result: TrainJobResult) -> str:
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=32),
     default=None,
-    help="Model input size, a multiple of 32 [default: 256].",
+    callback=_parse_image_size,
+    metavar="N|HxW",
+    help="Model input size N or HxW (e.g. 640x256), multiples of 32 [default: 256]; "
+    "a tiled model's input is its --tile.",
 )
 @address_option
 @click.option(
@@ -171,7 +182,7 @@ def train(
     backbone: str | None,
     weights_uri: str | None,
     epochs: int | None,
-    image_size: int | None,
+    image_size: int | tuple[int, int] | None,
     address: str | None,
     gpus_per_task: float,
     cpus_per_task: float,

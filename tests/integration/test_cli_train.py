@@ -99,7 +99,8 @@ def test_bad_manifest_exit_code_and_message(ray_session: object, tmp_path: Path,
         f"error: manifest {manifest}: 1 problem, nothing was trained:\n"
         "  line 1, column 'size': unknown column; allowed: product_line, train_uri, val_uri, "
         "test_uri, image_size, epochs, backbone, preset, layers, feature_norm, smoothing_sigma, "
-        "image_score, topk_fraction, score_norm, global_weight, pixel_fpr, image_fpr\n"
+        "image_score, topk_fraction, score_norm, global_weight, tile_overlap, tile_scale, "
+        "max_tiles, tile, pixel_fpr, image_fpr\n"
     )
     assert not models.exists()
 

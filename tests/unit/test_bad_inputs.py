@@ -274,8 +274,8 @@ MANIFEST_CASES: dict[str, tuple[str, list[str]]] = {
         [
             "line 1, column 'colour': unknown column; allowed: product_line, train_uri, val_uri, "
             "test_uri, image_size, epochs, backbone, preset, layers, feature_norm, "
-            "smoothing_sigma, image_score, topk_fraction, score_norm, global_weight, pixel_fpr, "
-            "image_fpr"
+            "smoothing_sigma, image_score, topk_fraction, score_norm, global_weight, "
+            "tile_overlap, tile_scale, max_tiles, tile, pixel_fpr, image_fpr"
         ],
     ),  # fmt: skip
     "missing column": (

@@ -132,7 +132,7 @@ def test_csv_list_file_uses_uri_column() -> None:
             ["line 1, column 'colour': unknown column; allowed: product_line, train_uri, "
              "val_uri, test_uri, image_size, epochs, backbone, preset, layers, feature_norm, "
              "smoothing_sigma, image_score, topk_fraction, score_norm, global_weight, "
-             "pixel_fpr, image_fpr"],
+             "tile_overlap, tile_scale, max_tiles, tile, pixel_fpr, image_fpr"],
         ),
         ("product_line\na\n", ["line 1, column 'train_uri': required column is missing"]),
         (
@@ -143,7 +143,8 @@ def test_csv_list_file_uses_uri_column() -> None:
         (",train_uri\n", ["line 1, column '(empty)': unknown column; allowed: product_line, "
                           "train_uri, val_uri, test_uri, image_size, epochs, backbone, preset, "
                           "layers, feature_norm, smoothing_sigma, image_score, topk_fraction, "
-                          "score_norm, global_weight, pixel_fpr, image_fpr",
+                          "score_norm, global_weight, tile_overlap, tile_scale, max_tiles, "
+                          "tile, pixel_fpr, image_fpr",
                           "line 1, column 'product_line': required column is missing"]),
         (
             "product_line,train_uri\na,x\nb,x\na,x\n",
