@@ -94,12 +94,10 @@ def _train(work: Path, name: str, fields: dict) -> str:
 
     config = ModelConfig(**fields)
     normal = [render_normal(LINE, np.random.default_rng(i), 512) for i in range(6)]
-    inputs = [prepare_image(config, img)[0] for img in normal]  # tiles, or the resized image
+    prepared = [prepare_image(config, img) for img in normal]  # tiles (or the resized image)
     train_cfg = TrainConfig(epochs=1, batch_size=4, positions_per_image=64, patience=0)
-    result = fit(build_extractor(config), config, train_cfg, np.concatenate(inputs[:4])[:24])
-    # thresholds on held-out inputs (their values do not matter to memory)
-    held_out = np.concatenate(inputs[4:])
-    cal = calibrate(result.model, held_out, CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
+    result = fit(build_extractor(config), config, train_cfg, prepared[:4])
+    cal = calibrate(result.model, prepared[4:], CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
     slug = name.replace(" ", "_").replace("@", "at")
     models_uri = str(work / "models" / slug)
     save_model(result.model, work / "trained" / slug, cal)

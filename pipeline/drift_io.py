@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from dfr_core.artifact_meta import ArtifactError, read_metadata
 from pipeline import outputs, registry, storage
 from pipeline.drift import SCORE_COLUMN, DriftConfig, DriftReference, LineDrift, compute_drift
-from pipeline.input_stats import STAT_NAMES, batch_stats
+from pipeline.input_stats import STAT_NAMES, batch_stats, tiles_stats
 from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:  # the training-side helpers need torch; the scoring driver imports none
@@ -90,8 +90,9 @@ def make_reference(
     statistics of every normal image the line was trained and calibrated on.
 
     A tiled model's images come prepared (lists of (tiles, plan)): its scores are the stitched
-    images' (dfr_core.inference.forward_images) and its input statistics are per TILE, the
-    inputs the model sees."""
+    images' (dfr_core.inference.forward_images) and its input statistics are per IMAGE, pooled
+    over its tiles (input_stats.tiles_stats), exactly what the scoring job's decode stage
+    records per row: the drift test compares like with like."""
     from dfr_core.calibrate import compute_maps
     from dfr_core.inference import forward_images
 
@@ -100,18 +101,16 @@ def make_reference(
             model.to(device)
         model.eval()
         scores = [o.score for o in forward_images(model, calibration_images)]
-        calibration_images = np.concatenate([t for t, _ in calibration_images])
-        train_images = (
-            np.concatenate([t for t, _ in train_images]) if len(train_images) else np.zeros(0)
-        )
+        values = [tiles_stats(tiles) for tiles, _ in [*train_images, *calibration_images]]
+        inputs = {name: [v[k] for v in values] for k, name in enumerate(STAT_NAMES)}
     else:
         scores = compute_maps(model, calibration_images, device).score.numpy().tolist()
-    normals = (
-        np.concatenate([train_images, calibration_images])
-        if len(train_images)
-        else (calibration_images)
-    )
-    inputs = batch_stats(normals)
+        normals = (
+            np.concatenate([train_images, calibration_images])
+            if len(train_images)
+            else (calibration_images)
+        )
+        inputs = batch_stats(normals)
     return DriftReference(
         image_scores=_subsample(scores),
         image_threshold=float(calibration.image_threshold),

@@ -68,19 +68,14 @@ def _image(line: str, i: int) -> np.ndarray:
     return np.ascontiguousarray(img[:h, :w])
 
 
-def _inputs(config: ModelConfig, images: list[np.ndarray]) -> np.ndarray:
-    """The model inputs (tiles, or the resized image) of ``images``, stacked."""
-    return np.concatenate([prepare_image(config, img)[0] for img in images])
-
-
 def _train(line: str, config: ModelConfig, tmp: Path, models_uri: str) -> None:
-    """A tiny model trained with dfr_core directly on its inputs (tiles for the tiled line),
-    calibrated on held-out inputs (the thresholds' values do not matter to these contracts:
-    the job and dfr_core apply the same ones), published to the registry."""
-    normal = [render_normal(line, np.random.default_rng(i), 96) for i in range(8)]
-    result = fit(build_extractor(config), config, TRAIN, _inputs(config, normal[:6]))
-    held_out = _inputs(config, normal[6:])
-    cal = calibrate(result.model, held_out, CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
+    """A tiny model trained (on tiles, for the tiled line) and calibrated (on stitched maps)
+    with dfr_core directly, from prepare_image outputs, and published to the registry."""
+    normal = [
+        prepare_image(config, render_normal(line, np.random.default_rng(i), 96)) for i in range(8)
+    ]
+    result = fit(build_extractor(config), config, TRAIN, normal[:6])
+    cal = calibrate(result.model, normal[6:], CalibrationConfig(pixel_fpr=0.01, image_fpr=0.1))
     save_model(result.model, tmp / "trained" / line, cal)
     registry.publish(tmp / "trained" / line, models_uri, line)
 
