@@ -53,6 +53,7 @@ CASES = {
     "tiled_exact": ("tiled", _png(64, 64, 2), None),
     "one_pixel": ("tiled", _png(1, 1), "too_small"),
     "long_thin": ("tiled", _png(3, 4000), "too_small"),
+    "tall_thin": ("tiled", _png(4000, 3), "too_small"),
     "beyond_cap": ("tiled", _png(600, 600), "too_many_tiles"),
     "header_only": ("tiled", _header_only_png(5000, 5000), "too_many_tiles"),
     "square_ok": ("square", _png(40, 70, 3), None),
@@ -95,6 +96,7 @@ def test_each_image_is_one_row_with_its_reason(decoded):
 def test_error_messages_name_the_sizes(decoded):
     assert "1x1" in decoded["one_pixel"]["error"] and "64 px tile" in decoded["one_pixel"]["error"]
     assert "3x4000" in decoded["long_thin"]["error"]
+    assert "4000x3" in decoded["tall_thin"]["error"]
     beyond = decoded["beyond_cap"]["error"]
     assert "600x600" in beyond and "max_tiles is 12" in beyond
     assert "5000x5000" in decoded["header_only"]["error"]
