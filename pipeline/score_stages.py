@@ -34,9 +34,14 @@ from dfr_core.artifact import (
 from dfr_core.calibrate import Calibration
 from dfr_core.config import ModelConfig
 from dfr_core.device import pick_device, prepare_for_device
-from dfr_core.fastpath import RegionalMaps
 from dfr_core.features import FeatureExtractor
-from dfr_core.inference import extract, score_images, to_model_input
+from dfr_core.inference import (
+    ImageOutput,
+    extract,
+    forward_images,
+    score_images,
+    to_model_input,
+)
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
 from pipeline import outputs, registry, storage
@@ -124,9 +129,10 @@ def _ray_node_id() -> str | None:
 
 
 def image_chunks(rows: list[int], prepared: dict[int, Prepared], tiles: int) -> list[list[int]]:
-    """Rows packed, in order, into chunks of at most ``tiles`` model inputs; an image is never
-    split, so one with more tiles than that (up to its model's max_tiles) is a chunk alone.
-    This is what bounds an actor's memory: one chunk's backbone maps at a time."""
+    """Rows packed, in order, into chunks of at most ``tiles`` model inputs (one backbone pass
+    each); an image is never split, so one with more tiles than that (up to its model's
+    max_tiles) is a chunk alone, scored in passes (ScoringActor._score_large). This is what
+    bounds an actor's memory: one pass's backbone and head work at a time."""
     chunks: list[list[int]] = []
     held = 0
     for i in rows:
@@ -154,6 +160,22 @@ def full_size_map(scored: Scored, height: int, width: int) -> torch.Tensor:
     mode = "bilinear" if scored.model.geometry.tile is None else "nearest"
     extra = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(amap[None, None], size=(height, width), mode=mode, **extra)[0, 0]
+
+
+class _ModelView(NamedTuple):
+    """What dfr_core.inference.forward_images needs of a model (its DFRModel protocol): a
+    line's head on the actor's shared extractor, at the calibration's precision."""
+
+    head: DFRHead
+    extractor: FeatureExtractor
+    precision: PrecisionSpec
+
+
+def _scored(model: LoadedLine, result: ImageOutput) -> Scored:
+    """A row's result from its image's output; the defect area is counted on the full map."""
+    amap = result.anomaly_map.float()
+    above = float((amap > model.calibration.pixel_threshold).float().mean())
+    return Scored(model, amap, result.score, result.max_score, above)
 
 
 class ScoringActor:
@@ -210,18 +232,16 @@ class ScoringActor:
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def _extract(self, extractor: FeatureExtractor, tiles: np.ndarray, precision) -> RegionalMaps:
-        """The backbone over ``tiles`` in passes of at most tile_batch inputs (an image with
-        more tiles than that is one chunk: its passes are concatenated)."""
-        step = self.config.tile_batch
-        parts = [
-            extract(extractor, to_model_input(tiles[lo : lo + step], self.device), precision)
-            for lo in range(0, len(tiles), step)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        coarse = tuple(torch.cat(level) for level in zip(*(p.coarse for p in parts), strict=True))
-        return RegionalMaps(torch.cat([p.fine for p in parts]), coarse)
+    def _score_large(self, line: str, prepared: Prepared, group: Group) -> Scored:
+        """One image with more tiles than a backbone pass holds (a chunk of its own, so one
+        line): dfr_core.inference.forward_images runs backbone AND head in passes of tile_batch
+        tiles and keeps only the small per-tile error grids until the image is stitched, so the
+        head's intermediates stay bounded by the pass, not by the image's tile count."""
+        key, precision = group
+        model = self.lines[line]
+        view = _ModelView(model.head, self.extractors[key], precision)
+        (result,) = forward_images(view, [prepared], self.config.tile_batch, precision)
+        return _scored(model, result)
 
     @torch.no_grad()
     def _score_chunk(
@@ -229,11 +249,12 @@ class ScoringActor:
     ) -> dict[int, Scored]:
         """Rows sharing an extractor and a precision: one backbone pass over all their tiles,
         then each line's head on its own images' tiles (dfr_core.inference, as calibration)."""
+        if len(rows) == 1 and prepared[rows[0]].plan.n_tiles > self.config.tile_batch:
+            return {rows[0]: self._score_large(lines[rows[0]], prepared[rows[0]], group)}
         key, precision = group
         extractor = self.extractors[key]
-        maps = self._extract(
-            extractor, np.concatenate([prepared[i].tiles for i in rows]), precision
-        )
+        tiles = np.concatenate([prepared[i].tiles for i in rows])
+        maps = extract(extractor, to_model_input(tiles, self.device), precision)
         first, start = {}, 0
         for i in rows:  # each image's first tile in the pass (an image's tiles are consecutive)
             first[i], start = start, start + prepared[i].plan.n_tiles
@@ -250,9 +271,7 @@ class ScoringActor:
             plans = [prepared[i].plan for i in images]
             results = score_images(model.head, extractor, maps, precision, plans, subset)
             for i, result in zip(images, results, strict=True):
-                amap = result.anomaly_map.float()
-                above = float((amap > model.calibration.pixel_threshold).float().mean())
-                out[i] = Scored(model, amap, result.score, result.max_score, above)
+                out[i] = _scored(model, result)
         return out
 
     def _write_mask(
