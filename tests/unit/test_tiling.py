@@ -115,3 +115,22 @@ def test_hxw_model_json_round_trip(tmp_path):
     save_model(model, tmp_path)
     assert read_metadata(tmp_path)["model_config"]["image_size"] == [32, 96]
     assert load_model(tmp_path, extractor=model.extractor).model.config.input_hw == (32, 96)
+
+
+def test_fit_and_calibrate_a_non_square_model():
+    """HxW end to end in dfr_core: the feature bank, the head and the maps are (H/4, W/4)."""
+    from dfr_core.calibrate import calibrate
+    from dfr_core.config import TrainConfig
+    from dfr_core.train import fit
+
+    cfg = ModelConfig(backbone="vgg19", layers=LAYERS, image_size=(32, 96), global_weight=0.0)
+    torch.manual_seed(0)
+    extractor = build_extractor(cfg, allow_random_init=True)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 120, 3), dtype=np.uint8) for _ in range(5)]
+    prepared = [prepare_image(cfg, img) for img in images]
+    result = fit(extractor, cfg, TrainConfig(epochs=1, patience=0), prepared[:4], prepared[4:])
+    assert result.summary["cached_positions_per_image"] == 8 * 24
+    cal = calibrate(result.model, prepared[4:])
+    (out,) = forward_images(result.model, prepared[:1])
+    assert out.anomaly_map.shape == (32, 96) and cal.n_images == 1
