@@ -107,7 +107,11 @@ def load(args: argparse.Namespace) -> FullSet:
             Path(args.cache), args.line, args.size, args.n_train, args.n_good, args.n_defect, 0
         )
         return load_full(root)
-    return load_full(Path(args.data), args.max_train)
+    data = load_full(Path(args.data), args.max_train)
+    keep = np.arange(0, len(data.test), args.test_stride)  # every k-th test image (CPU)
+    return FullSet(
+        data.train, [data.test[i] for i in keep], [data.masks[i] for i in keep], data.labels[keep]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=30)
     p.add_argument("--n-good", type=int, default=10)
     p.add_argument("--n-defect", type=int, default=10)
-    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-train", type=int, default=None, help="first N training images")
+    p.add_argument("--test-stride", type=int, default=1, help="kolektor: every k-th test image")
     p.add_argument("--configs", default="square256,tile256")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--tiles-per-image", type=int, default=0)

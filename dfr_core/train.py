@@ -116,22 +116,22 @@ def extract_bank(
     P is every grid position when the bank fits config.cache_budget_mb, else a fixed random
     subset per image sized to fit (never less than positions_per_image).
     """
-    gh, gw = extractor.grid_hw  # an HxW model's grid is not square
-    n, cells = len(images), gh * gw
-    per_image = extractor.channels * cells * 2
+    gh, gw = extractor.grid_hw
+    n, total = len(images), gh * gw
+    per_image = extractor.channels * total * 2
     budget = config.cache_budget_mb * 2**20
-    positions = cells
+    positions = total
     if n * per_image > budget:
         positions = max(config.positions_per_image, budget // (n * extractor.channels * 2))
-        positions = min(positions, cells)
+        positions = min(positions, total)
     bank = torch.empty(n, extractor.channels, positions, dtype=torch.float16)
     for i in range(0, n, config.feature_batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[i : i + config.feature_batch_size]))
         with inference_mode(device):
             feats = extractor(normalize_batch(batch.to(device))).float().flatten(2).cpu()
-        if positions < cells:
+        if positions < total:
             idx = torch.stack(
-                [torch.randperm(cells, generator=generator)[:positions] for _ in feats]
+                [torch.randperm(total, generator=generator)[:positions] for _ in feats]
             )
             feats = torch.gather(feats, 2, idx[:, None, :].expand(-1, feats.shape[1], -1))
         bank[i : i + len(feats)] = feats.half()

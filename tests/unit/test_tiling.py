@@ -87,3 +87,50 @@ def test_tiled_map_has_the_image_size_and_is_stitched_per_tile():
     torch.testing.assert_close(out.anomaly_map, stitch(per_tile.cpu(), plan))
     assert out.score == pytest.approx(float(out.anomaly_map.max()))
     assert out.max_score == pytest.approx(float(out.anomaly_map.max()))
+
+
+def test_model_json_without_geometry_loads_as_square_untiled(tmp_path):
+    """A model.json written before issue 12 (no tile keys) keeps its meaning."""
+    import json
+
+    from dfr_core.artifact import CONFIG_FILE, load_model, save_model
+
+    cfg = ModelConfig(backbone="vgg19", layers=LAYERS, image_size=64)
+    model = _model(cfg)
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("tile", "tile_overlap", "tile_scale", "max_tiles"):
+        del meta["model_config"][key]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    loaded = load_model(tmp_path, extractor=model.extractor).model
+    assert loaded.config == cfg and loaded.config.tile is None
+    assert loaded.config.input_hw == (64, 64)
+
+
+def test_hxw_model_json_round_trip(tmp_path):
+    from dfr_core.artifact import load_model, read_metadata, save_model
+
+    cfg = ModelConfig(backbone="vgg19", layers=LAYERS, image_size=(32, 96))
+    model = _model(cfg)
+    save_model(model, tmp_path)
+    assert read_metadata(tmp_path)["model_config"]["image_size"] == [32, 96]
+    assert load_model(tmp_path, extractor=model.extractor).model.config.input_hw == (32, 96)
+
+
+def test_fit_and_calibrate_a_non_square_model():
+    """HxW end to end in dfr_core: the feature bank, the head and the maps are (H/4, W/4)."""
+    from dfr_core.calibrate import calibrate
+    from dfr_core.config import TrainConfig
+    from dfr_core.train import fit
+
+    cfg = ModelConfig(backbone="vgg19", layers=LAYERS, image_size=(32, 96), global_weight=0.0)
+    torch.manual_seed(0)
+    extractor = build_extractor(cfg, allow_random_init=True)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 120, 3), dtype=np.uint8) for _ in range(5)]
+    prepared = [prepare_image(cfg, img) for img in images]
+    result = fit(extractor, cfg, TrainConfig(epochs=1, patience=0), prepared[:4], prepared[4:])
+    assert result.summary["cached_positions_per_image"] == 8 * 24
+    cal = calibrate(result.model, prepared[4:])
+    (out,) = forward_images(result.model, prepared[:1])
+    assert out.anomaly_map.shape == (32, 96) and cal.n_images == 1
