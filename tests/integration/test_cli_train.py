@@ -17,7 +17,7 @@ from pipeline.cli.options import EXIT_BAD_INPUT, EXIT_FAILED
 from pipeline.demo import DemoConfig, run_demo
 from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 FLAGS = ["--image-size", "64", "--epochs", "2", "--cpus-per-task", "0.5"]
 
 
