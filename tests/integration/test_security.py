@@ -32,7 +32,7 @@ from pipeline.manifest import ManifestCheck, ManifestError, load_manifest
 from pipeline.score_job import ScoreJobConfig, run_score_job
 from pipeline.train_job import ERROR, OK, TrainJobConfig, run_train_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 SIZE = 64
 LINE = "metal_plate"

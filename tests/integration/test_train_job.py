@@ -29,7 +29,7 @@ from pipeline.storage import StorageOptions
 from pipeline.train_job import TrainJobConfig, run_train_job
 from pipeline.train_task import ERROR, OK, LineTask, get_extractor, is_transient, train_line
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 SIZE = 64
 GARBAGE = b"\x89PNG but not really an image"
 
