@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from dfr_core.artifact import LoadedModel, load_model, read_metadata
+from dfr_core.artifact import LoadedModel, load_model, read_model_metadata
 from dfr_core.calibrate import Calibration, compute_maps
 from dfr_core.evaluate import EvalResult, evaluate_outputs, evaluation_curves
 from dfr_core.model import AnomalyOutput, DFRModel
@@ -193,8 +193,8 @@ def load_version(
 ) -> LoadedModel:
     """Fetch (verified) and load one published version, backbone included."""
     directory = registry.fetch(models_uri, line, version, cache_dir, options)
-    meta = read_metadata(directory)
-    weights = registry.resolve_weights(meta, cache_dir, options)
+    meta = read_model_metadata(directory)
+    weights = registry.resolve_weights(meta.weights_uri, cache_dir, options)
     return load_model(directory, weights, extractor)
 
 

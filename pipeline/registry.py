@@ -28,7 +28,13 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from dfr_core.artifact_meta import CONFIG_FILE, ArtifactError, read_metadata
+from dfr_core.artifact_meta import (
+    CONFIG_FILE,
+    ArtifactError,
+    ModelMetadata,
+    parse_metadata,
+    read_model_metadata,
+)
 from dfr_core.hashing import sha256_file
 from pipeline import storage
 from pipeline.run_lease import process_alive
@@ -124,10 +130,10 @@ def list_versions(
     return sorted(versions)
 
 
-def _verify_dir(directory: Path) -> dict[str, Any]:
+def _verify_dir(directory: Path) -> ModelMetadata:
     """model.json parses and every file it lists has the recorded sha256 (ArtifactError if not)."""
-    meta = read_metadata(directory)
-    for name, expected in meta["files"].items():
+    meta = read_model_metadata(directory)
+    for name, expected in meta.files.items():
         path = directory / storage.safe_component(name, "artifact file")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (listed in {CONFIG_FILE})")
@@ -344,14 +350,14 @@ def fetch(
 
 
 def resolve_weights(
-    meta: dict[str, Any], cache_dir: str | os.PathLike[str], options: StorageOptions | None = None
+    uri: str | None, cache_dir: str | os.PathLike[str], options: StorageOptions | None = None
 ) -> str | None:
-    """Local path of the backbone weights a model was trained with, or None for the default.
+    """Local path of the backbone weights a model was trained with (``uri``: its
+    ModelMetadata.weights_uri), or None for the default.
 
     None means the model used the backbone registry's offline weights, which build_extractor
     finds by itself; the sha256 recorded in model.json is checked when the model is loaded.
     """
-    uri = (meta.get("extra") or {}).get("weights_uri")
     if not uri:
         return None
     return str(storage.copy_to_local(uri, cache_dir, options))
@@ -363,22 +369,22 @@ def describe(models_uri: str, options: StorageOptions | None = None) -> list[dic
     for line in list_product_lines(models_uri, options):
         latest = latest_version(models_uri, line, options)
         for version in list_versions(models_uri, line, options):
-            meta = read_version_metadata(models_uri, line, version, options)
-            extra = meta.get("extra") or {}
-            calibration = meta.get("calibration") or {}
+            uri = storage.join_uri(version_uri(models_uri, line, version), CONFIG_FILE)
+            meta = parse_metadata(read_version_metadata(models_uri, line, version, options), uri)
+            calibration = meta.calibration
             rows.append(
                 {
                     "product_line": line,
                     "version": version,
                     "latest": version == latest,
-                    "created_at": extra.get("created_at"),
-                    "backbone": (meta.get("backbone") or {}).get("name"),
-                    "image_size": (meta.get("model_config") or {}).get("image_size"),
-                    "train_images": extra.get("train_image_count"),
-                    "latent_dim": meta.get("latent_dim"),
-                    "image_threshold": calibration.get("image_threshold"),
-                    "pixel_threshold": calibration.get("pixel_threshold"),
-                    "metrics": meta.get("metrics") or {},
+                    "created_at": meta.created_at,
+                    "backbone": meta.backbone.name,
+                    "image_size": meta.model_config.image_size,
+                    "train_images": meta.train_image_count,
+                    "latent_dim": meta.latent_dim,
+                    "image_threshold": calibration.image_threshold if calibration else None,
+                    "pixel_threshold": calibration.pixel_threshold if calibration else None,
+                    "metrics": meta.metrics.fields,
                 }
             )
     return rows

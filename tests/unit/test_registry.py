@@ -91,7 +91,7 @@ def test_publish_fetch_round_trip(artifact: Path, models_uri: str, tmp_path: Pat
     assert (local / HEAD_FILE).read_bytes() == (artifact / HEAD_FILE).read_bytes()
     loaded = load_model(local)
     assert loaded.calibration == Calibration(1.5, 2.5, 0.005, 0.01, 3)
-    assert loaded.metadata["extra"] == {"product_line": "metal"}
+    assert loaded.metadata.extra == {"product_line": "metal"}
     reference = load_head(artifact)
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.model.head.state_dict()[key], value)
@@ -200,13 +200,13 @@ def test_corrupt_latest_is_an_error(artifact: Path, tmp_path: Path) -> None:
 
 
 def test_resolve_weights(s3_bucket: str, tmp_path: Path) -> None:
-    assert resolve_weights({"extra": {"weights_uri": None}}, tmp_path) is None
-    assert resolve_weights({}, tmp_path) is None
+    assert resolve_weights(None, tmp_path) is None
+    assert resolve_weights("", tmp_path) is None
     local = tmp_path / "w.pth"
     local.write_bytes(b"weights")
-    assert resolve_weights({"extra": {"weights_uri": str(local)}}, tmp_path) == str(local)
+    assert resolve_weights(str(local), tmp_path) == str(local)
     storage.write_bytes_atomic(f"{s3_bucket}/w/backbone.pth", b"remote weights")
-    path = resolve_weights({"extra": {"weights_uri": f"{s3_bucket}/w/backbone.pth"}}, tmp_path)
+    path = resolve_weights(f"{s3_bucket}/w/backbone.pth", tmp_path)
     assert Path(path).read_bytes() == b"remote weights"
     assert Path(path).name == "backbone.pth"
 
