@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dfr_core import __version__
 from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict
 from dfr_core.hashing import sha256_bytes  # noqa: F401 - re-exported (dfr_core.artifact)
+
+_R = TypeVar("_R")
 
 FORMAT = "dfr-pipeline-model"
 #: 2: image score per ModelConfig.image_score / score_norm / global_weight (score-term buffers
@@ -145,6 +148,24 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+#: how a recorded value of each plain field type is read (another type reads as None)
+_READERS: dict[str, Callable[[object], Any]] = {
+    "float | None": _number,
+    "int | None": _count,
+    "str | None": _text,
+}
+
+
+def _recorded(cls: type[_R], data: dict[str, Any], **rest: Any) -> _R:
+    """A record of an optional section: each plain field read by its name and type from
+    ``data``; ``rest`` gives the others (nested values, the whole recorded object)."""
+    plain = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if isinstance(f.type, str) and f.type in _READERS:  # annotations are strings here
+            plain[f.name] = _READERS[f.type](data.get(f.name))
+    return cls(**plain, **rest)
+
+
 @dataclass(frozen=True)
 class BackboneRecord:
     """The frozen backbone a model was trained on (rebuilt from the registry on load)."""
@@ -186,18 +207,6 @@ class CalibrationRecord:
     method: str | None
     fields: dict[str, Any] = field(repr=False)
 
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> CalibrationRecord:
-        return cls(
-            image_threshold=_number(data.get("image_threshold")),
-            pixel_threshold=_number(data.get("pixel_threshold")),
-            image_fpr=_number(data.get("image_fpr")),
-            pixel_fpr=_number(data.get("pixel_fpr")),
-            n_images=_count(data.get("n_images")),
-            method=_text(data.get("method")),
-            fields=dict(data),
-        )
-
 
 @dataclass(frozen=True)
 class TrainingSummary:
@@ -211,20 +220,6 @@ class TrainingSummary:
     history: tuple[Any, ...] = ()  # one {epoch, train_loss, val_loss, ...} per epoch
     #: which image URIs served early stopping / calibration (absent in older models)
     holdout: dict[str, list[str]] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> TrainingSummary:
-        history = data.get("history")
-        holdout = data.get("holdout")
-        return cls(
-            train_images=_count(data.get("train_images")),
-            val_images=_count(data.get("val_images")),
-            epochs_run=_count(data.get("epochs_run")),
-            best_epoch=_count(data.get("best_epoch")),
-            best_loss=_number(data.get("best_loss")),
-            history=tuple(history) if isinstance(history, list) else (),
-            holdout=holdout if isinstance(holdout, dict) else {},
-        )
 
 
 @dataclass(frozen=True)
@@ -245,21 +240,6 @@ class EvaluationRecord:
     @property
     def evaluated(self) -> bool:
         return any(v is not None for v in (self.image_auroc, self.pixel_auroc, self.pro))
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> EvaluationRecord:
-        curves = data.get("curves")
-        return cls(
-            image_auroc=_number(data.get("image_auroc")),
-            pixel_auroc=_number(data.get("pixel_auroc")),
-            pro=_number(data.get("pro")),
-            f1=_number(data.get("f1")),
-            iou=_number(data.get("iou")),
-            n_images=_count(data.get("n_images")),
-            n_anomalous=_count(data.get("n_anomalous")),
-            curves=curves if isinstance(curves, dict) else {},
-            fields=dict(data),
-        )
 
 
 @dataclass(frozen=True)
@@ -304,6 +284,25 @@ class ModelMetadata:
         return self.calibration
 
 
+def _calibration(data: dict[str, Any]) -> CalibrationRecord:
+    return _recorded(CalibrationRecord, data, fields=dict(data))
+
+
+def _training(data: dict[str, Any]) -> TrainingSummary:
+    history, holdout = data.get("history"), data.get("holdout")
+    return _recorded(
+        TrainingSummary, data,
+        history=tuple(history) if isinstance(history, list) else (),
+        holdout=holdout if isinstance(holdout, dict) else {},
+    )  # fmt: skip
+
+
+def _evaluation(data: dict[str, Any]) -> EvaluationRecord:
+    curves = data.get("curves")
+    curves = curves if isinstance(curves, dict) else {}
+    return _recorded(EvaluationRecord, data, curves=curves, fields=dict(data))
+
+
 def parse_metadata(meta: object, source: str) -> ModelMetadata:
     """The typed form of a model.json document (ArtifactError naming ``source`` and the key)."""
     check_document(meta, source)
@@ -320,9 +319,9 @@ def parse_metadata(meta: object, source: str) -> ModelMetadata:
         backbone=BackboneRecord.parse(meta["backbone"], source),
         latent_dim=_integer(meta["latent_dim"], "latent_dim", source),
         files={str(k): str(v) for k, v in files.items()},
-        calibration=CalibrationRecord.parse(calibration) if calibration else None,
-        training=TrainingSummary.parse(_section(meta, "training")),
-        metrics=EvaluationRecord.parse(_section(meta, "metrics")),
+        calibration=_calibration(calibration) if calibration else None,
+        training=_training(_section(meta, "training")),
+        metrics=_evaluation(_section(meta, "metrics")),
         extra=_section(meta, "extra"),
     )
 
