@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -26,20 +27,13 @@ from dfr_core.artifact_meta import (
     ModelMetadata,
     parse_metadata,
 )
+from dfr_core.calibrate import Calibration
 from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = ["features.3", "features.6"]
-CALIBRATION = {
-    "pixel_threshold": 0.7,
-    "image_threshold": 2.0,
-    "pixel_fpr": 0.005,
-    "image_fpr": 0.01,
-    "n_images": 6,
-    "method": "quantile",
-    "precision": None,
-    "max_threshold": 1.5,
-}
+#: the calibration as save_model records it (dataclasses.asdict of a Calibration)
+CALIBRATION = dataclasses.asdict(Calibration(0.7, 2.0, 0.005, 0.01, 6, "quantile", None, 1.5))
 
 
 def _document(version: int = FORMAT_VERSION) -> dict[str, Any]:

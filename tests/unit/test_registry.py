@@ -17,11 +17,8 @@ from dfr_core.artifact import (
     ArtifactError,
     load_head,
     load_model,
-    save_model,
 )
 from dfr_core.calibrate import Calibration
-from dfr_core.config import ModelConfig
-from dfr_core.model import DFRHead, DFRModel, build_extractor
 from pipeline import registry, storage
 from pipeline.registry import (
     LATEST,
@@ -37,24 +34,9 @@ from pipeline.registry import (
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifact(tmp_path_factory: pytest.TempPathFactory, make_artifact) -> Path:
     """A real (untrained) model directory: head.pt + model.json with checksums."""
-    config = ModelConfig(image_size=64)
-    extractor = build_extractor(config)
-    torch.manual_seed(0)
-    head = DFRHead(config, extractor.channels, 8)
-    directory = tmp_path_factory.mktemp("artifact")
-    calibration = Calibration(1.5, 2.5, 0.005, 0.01, 3)
-    save_model(DFRModel(extractor, head), directory, calibration, extra={"product_line": "metal"})
-    return directory
-
-
-@pytest.fixture(params=["local", "s3"])
-def models_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/registry"
+    return make_artifact(tmp_path_factory.mktemp("artifact"), extra={"product_line": "metal"})
 
 
 def test_new_version_is_sortable_and_safe() -> None:
