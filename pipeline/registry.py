@@ -364,27 +364,35 @@ def resolve_weights(
 
 
 def describe(models_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
-    """One summary per complete version of every product line (for ``models list``)."""
+    """One summary per complete version of every product line (for ``models list``).
+
+    A version whose model.json this library cannot read (a newer format, a hand-edited file)
+    is still listed, with only its name: one odd version must not hide the others.
+    """
     rows = []
     for line in list_product_lines(models_uri, options):
         latest = latest_version(models_uri, line, options)
         for version in list_versions(models_uri, line, options):
             uri = storage.join_uri(version_uri(models_uri, line, version), CONFIG_FILE)
-            meta = parse_metadata(read_version_metadata(models_uri, line, version, options), uri)
-            calibration = meta.calibration
-            rows.append(
-                {
-                    "product_line": line,
-                    "version": version,
-                    "latest": version == latest,
-                    "created_at": meta.created_at,
-                    "backbone": meta.backbone.name,
-                    "image_size": meta.model_config.image_size,
-                    "train_images": meta.train_image_count,
-                    "latent_dim": meta.latent_dim,
-                    "image_threshold": calibration.image_threshold if calibration else None,
-                    "pixel_threshold": calibration.pixel_threshold if calibration else None,
-                    "metrics": meta.metrics.fields,
-                }
-            )
+            raw = read_version_metadata(models_uri, line, version, options)
+            try:
+                meta: ModelMetadata | None = parse_metadata(raw, uri)
+            except ArtifactError:
+                meta = None
+            rows.append({"product_line": line, "version": version, "latest": version == latest,
+                         **_summary(meta)})  # fmt: skip
     return rows
+
+
+def _summary(meta: ModelMetadata | None) -> dict[str, Any]:
+    calibration = meta.calibration if meta else None
+    return {
+        "created_at": meta.created_at if meta else None,
+        "backbone": meta.backbone.name if meta else None,
+        "image_size": meta.model_config.image_size if meta else None,
+        "train_images": meta.train_image_count if meta else None,
+        "latent_dim": meta.latent_dim if meta else None,
+        "image_threshold": calibration.image_threshold if calibration else None,
+        "pixel_threshold": calibration.pixel_threshold if calibration else None,
+        "metrics": meta.metrics.fields if meta else {},
+    }

@@ -222,3 +222,20 @@ def test_publisher_killed_mid_copy_leaves_no_debris_after_the_next_publish(
     assert sorted(p.name for p in (models / "metal").iterdir()) == sorted(
         [version, "LATEST", live.name]
     )
+
+
+def test_models_list_shows_a_version_it_cannot_read(artifact: Path, tmp_path: Path) -> None:
+    """A version written by a newer release is listed by name (its fields empty), and the
+    readable versions beside it keep their summaries."""
+    models = str(tmp_path / "models")
+    good = publish(artifact, models, "metal")
+    newer = publish(artifact, models, "metal")
+    path = tmp_path / "models" / "metal" / newer / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 99
+    path.write_text(json.dumps(meta))
+    rows = {r["version"]: r for r in registry.describe(models)}
+    assert rows[good]["backbone"] == "mobilenet_v2" and rows[good]["image_threshold"] == 2.5
+    assert rows[good]["image_size"] == 64 and rows[good]["latent_dim"] == 8
+    assert rows[newer]["latest"] and rows[newer]["backbone"] is None
+    assert rows[newer]["metrics"] == {}
