@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from dfr_core import __version__
 from dfr_core.config import LEGACY_V1_MODEL_FIELDS, ModelConfig, from_dict
@@ -306,7 +306,7 @@ def _evaluation(data: dict[str, Any]) -> EvaluationRecord:
 def parse_metadata(meta: object, source: str) -> ModelMetadata:
     """The typed form of a model.json document (ArtifactError naming ``source`` and the key)."""
     check_document(meta, source)
-    assert isinstance(meta, dict)  # check_document refused anything else
+    meta = cast(dict[str, Any], meta)  # check_document refused anything but an object
     files = meta["files"]
     if not isinstance(files, dict):
         raise ArtifactError(f"{source}: bad files (an object expected)")
