@@ -13,7 +13,12 @@ the disjoint calibration slice, as `benchmarks/accuracy.py` does. Rows have accu
 the final figures come from accuracy.py itself (the real `fit` path).
 
 Each --run is "field=value;field=value" over ModelConfig / TrainConfig / CalibrationConfig fields
-(layers '+'-separated; backbone and image_size must match the cache).
+(layers '+'-separated; backbone and image_size must match the cache). A trained head is saved
+under --heads and reused by a later --run of the same text, dataset and training subset, so
+rescoring needs no retraining. Each --rescore rescores every run's head with other score /
+smoothing / calibration fields (the score scales and thresholds are refitted on the same held-out
+slices); `map_global=W` (benchmark only, not a model option) adds W x the image's normalised
+global term to its locally normalised map.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from dfr_core.backbones import backbone_info
 from dfr_core.calibrate import calibrate_outputs
 from dfr_core.config import CalibrationConfig, ModelConfig, TrainConfig
 from dfr_core.datasets import list_category, load_images, load_test
-from dfr_core.evaluate import evaluate_outputs
-from dfr_core.model import AnomalyOutput, build_extractor, concat_outputs
+from dfr_core.evaluate import EvalResult, evaluate_outputs
+from dfr_core.model import AnomalyOutput, DFRHead, build_extractor, concat_outputs
+from dfr_core.scoring import mahalanobis, normalise
 from dfr_core.train import (
+    HeadFit,
     feature_batches,
     fit_global_term,
     fit_head,
@@ -104,7 +111,9 @@ def parse_run(text: str) -> dict:
     out = {}
     for item in filter(None, text.split(";")):
         field, value = item.split("=", 1)
-        if field in {f.name for f in dataclasses.fields(CalibrationConfig)}:
+        if field == "map_global" or field in {
+            f.name for f in dataclasses.fields(CalibrationConfig)
+        }:
             out[field] = float(value)
         else:
             out[field] = parse_value(field, value)
@@ -126,13 +135,24 @@ def head_outputs(head, feats: torch.Tensor, idx: torch.Tensor) -> AnomalyOutput:
         return concat_outputs([head(f[:, idx].float()) for f in feats.split(8)])
 
 
-def run(args, root: Path, data: dict, superset, text: str) -> None:
-    mcfg, tcfg, ccfg = configs(args, parse_run(text))
-    layers = mcfg.layers or backbone_info(args.backbone).default_layers
-    idx = channel_slice(args.backbone, superset, layers)
-    cpu = torch.device("cpu")
-    t0 = time.perf_counter()
+#: ModelConfig fields that change only the image score, never the map: a --rescore of these
+#: alone keeps the base row's pixel metrics (pixel AUROC, PRO, masks) and recomputes the rest.
+IMAGE_SCORE_FIELDS = frozenset({"image_score", "topk_fraction", "score_norm", "global_weight"})
+
+
+def trained_head(args, root: Path, data: dict, superset, text: str, mcfg, tcfg, idx):
+    """fit_head on the cached bank, or the head a previous run saved under --heads (same
+    dataset, backbone, superset, run text and training subset: the same weights)."""
+    key = f"{root.name}_{args.backbone}_{'+'.join(superset)}_{text}_{args.screen_train}"
+    path = Path(args.heads) / (key.replace("/", "_").replace(";", ",") + ".pt")
     bank = data["train"][: args.screen_train or None, idx].flatten(2)
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        head = DFRHead(mcfg, bank.shape[1], saved["fit"]["latent_dim"])
+        head.load_state_dict(saved["state"])
+        print(f"<!-- head loaded from {path} (trained in {saved['train_s']:.0f} s) -->")
+        return HeadFit(head.eval(), **saved["fit"]), saved["train_s"]
+    t0 = time.perf_counter()
     val_bank = subsample_positions(data["es"][:, idx].flatten(2), tcfg.val_positions, tcfg.seed)
 
     def progress(s) -> None:
@@ -140,37 +160,109 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
             print(f"  epoch {s.epoch} train {s.train_loss:.4f} val {s.val_loss}", file=sys.stderr)
 
     torch.manual_seed(tcfg.seed)
-    fitted = fit_head(mcfg, tcfg, bank, val_bank, cpu, progress)
+    fitted = fit_head(mcfg, tcfg, bank, val_bank, torch.device("cpu"), progress)
+    train_s = time.perf_counter() - t0
+    Path(args.heads).mkdir(parents=True, exist_ok=True)
+    fit_fields = {k: v for k, v in fitted._asdict().items() if k != "head"}
+    torch.save({"state": fitted.head.state_dict(), "fit": fit_fields, "train_s": train_s}, path)
+    return fitted, train_s
+
+
+def global_normalised(head, feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(N,) each image's global term, normalised by the head's stored global scale."""
+    with torch.no_grad():
+        pooled = torch.cat([f[:, idx].float().mean(dim=(2, 3)) for f in feats.split(8)])
+        z = head.pooled_standardized(pooled)
+        return normalise(mahalanobis(z, head.global_mean, head.global_precision), head.global_scale)
+
+
+def map_with_global(head, out: AnomalyOutput, feats, idx, weight: float) -> AnomalyOutput:
+    """Benchmark-only map variant (aimed at large low-contrast defects): the map normalised by
+    the local term's scale plus `weight` x the image's normalised global term, so every pixel
+    of an image far from the normal images' pooled features is raised. Scores unchanged."""
+    if head.config.global_weight <= 0 or head.config.score_norm != "quantile":
+        raise SystemExit("map_global needs a head with a global term and score_norm=quantile")
+    lo, hi = head.local_scale
+    g = global_normalised(head, feats, idx)
+    amap = (out.anomaly_map - lo) / (hi - lo) + weight * g[:, None, None]
+    return AnomalyOutput(amap, out.score, out.max_score)
+
+
+def image_only(base: EvalResult, out: AnomalyOutput, labels: np.ndarray, cal) -> EvalResult:
+    """The base row with the image-level metrics of other scores (the maps are the base's)."""
+    scores = out.score.numpy()
+    op = metrics.image_operating_point(labels, scores, cal.image_threshold)
+    return base._replace(
+        image_auroc=metrics.image_auroc(labels, scores),
+        tpr_at_1pct_fpr=metrics.tpr_at_fpr(labels, scores, 0.01),
+        realised_image_fpr=op.fpr,
+        realised_image_recall=op.recall,
+    )
+
+
+def per_type(data: dict, out: AnomalyOutput, labels: np.ndarray, cal, base: dict | None) -> dict:
+    """(image AUROC, pixel AUROC, PRO) of each defect type against all good test images; with
+    `base` (the base row's, same maps) only the image AUROC is recomputed."""
+    masks, types = data["masks"].numpy(), {}
+    for kind in sorted(set(data["defects"]) - {"good"}):
+        sel = np.array([d in ("good", kind) for d in data["defects"]])
+        if base is not None:
+            types[kind] = (metrics.image_auroc(labels[sel], out.score.numpy()[sel]),) + base[kind][
+                1:
+            ]
+            continue
+        sub = AnomalyOutput(out.anomaly_map[sel], out.score[sel], out.max_score[sel])
+        r = evaluate_outputs(sub, masks[sel], labels[sel], cal)
+        types[kind] = (r.image_auroc, r.pixel_auroc, r.pro)
+    return types
+
+
+def run(args, root: Path, data: dict, superset, text: str) -> None:
+    mcfg, tcfg, ccfg = configs(args, parse_run(text))
+    layers = mcfg.layers or backbone_info(args.backbone).default_layers
+    idx = channel_slice(args.backbone, superset, layers)
+    t0 = time.perf_counter()
+    fitted, train_s = trained_head(args, root, data, superset, text, mcfg, tcfg, idx)
     head = fitted.head
     # the global Gaussian always on the whole training split (cheap: pooled means), so that a
     # --screen-train CAE still has the product's global term
-    fit_global_term(head, data["train"][:, idx].flatten(2), cpu)
+    fit_global_term(head, data["train"][:, idx].flatten(2), torch.device("cpu"))
     fit_score_scales(head, (f[:, idx].float() for f in data["es"].split(8)))
-    fit_s = time.perf_counter() - t0 + data["feature_seconds"] * len(idx) / data["train"].shape[1]
+    fit_s = train_s + time.perf_counter() - t0
+    fit_s += data["feature_seconds"] * len(idx) / data["train"].shape[1]
     cal_out = head_outputs(head, data["cal"], idx)
     t_head = time.perf_counter()
     out = head_outputs(head, data["test"], idx)
     # backbone (measured at caching, superset layers) + this head, per test image
     ms_image = data["ms_per_image"] + (time.perf_counter() - t_head) * 1000 / len(out.score)
     masks, labels = data["masks"].numpy(), data["labels"].numpy()
-    variants = [("", {}, {})] + [
-        (f" | {v}", parse_run(v), {}) for v in args.rescore
-    ]  # rescoring variants: score / smoothing / calibration fields, no retraining
-    base_cfg, base_ev = head.config, None
-    for suffix, changes, _ in variants:
+    # rescoring variants: score / smoothing / calibration fields (+ the benchmark-only
+    # map_global), no retraining
+    variants = [("", {})] + [(f" | {v}", parse_run(v)) for v in args.rescore]
+    base_cfg, base_ev, base_types = head.config, None, None
+    for suffix, changes in variants:
+        map_global = changes.pop("map_global", None)
         m_changes = {k: v for k, v in changes.items() if hasattr(base_cfg, k)}
         c_changes = {k: v for k, v in changes.items() if not hasattr(base_cfg, k)}
         head.config = dataclasses.replace(base_cfg, **m_changes)
+        if head.config.global_weight > 0 and base_cfg.global_weight <= 0:
+            raise SystemExit("a head trained without a global term cannot be rescored with one")
         if m_changes:
             fit_score_scales(head, (f[:, idx].float() for f in data["es"].split(8)))
             cal_o = head_outputs(head, data["cal"], idx)
             test_o = head_outputs(head, data["test"], idx)
         else:
             cal_o, test_o = cal_out, out
+        if map_global is not None:
+            cal_o = map_with_global(head, cal_o, data["cal"], idx, map_global)
+            test_o = map_with_global(head, test_o, data["test"], idx, map_global)
         cal = calibrate_outputs(cal_o, dataclasses.replace(ccfg, **c_changes))
-        if m_changes or not suffix:
+        maps_changed = map_global is not None or bool(set(m_changes) - IMAGE_SCORE_FIELDS)
+        if not suffix or maps_changed:
             ev = evaluate_outputs(test_o, masks, labels, cal, ms_image)
             base_ev = ev if not suffix else base_ev
+        elif m_changes:  # image score only: the maps (and pixel metrics) are the base row's
+            ev = image_only(base_ev, test_o, labels, cal)
         else:  # thresholds only: the ranking metrics are the base row's
             tm = metrics.threshold_metrics(masks, test_o.anomaly_map.numpy(), cal.pixel_threshold)
             op = metrics.image_operating_point(labels, test_o.score.numpy(), cal.image_threshold)
@@ -178,11 +270,9 @@ def run(args, root: Path, data: dict, superset, text: str) -> None:
                 f1=tm.f1, iou=tm.iou, realised_image_fpr=op.fpr, realised_image_recall=op.recall
             )
         types = {}
-        for kind in sorted(set(data["defects"]) - {"good"}) if args.per_type and not suffix else []:
-            sel = np.array([d in ("good", kind) for d in data["defects"]])
-            sub = AnomalyOutput(test_o.anomaly_map[sel], test_o.score[sel], test_o.max_score[sel])
-            r = evaluate_outputs(sub, masks[sel], labels[sel], cal)
-            types[kind] = (r.image_auroc, r.pixel_auroc, r.pro)
+        if args.per_type:
+            types = per_type(data, test_o, labels, cal, None if maps_changed else base_types)
+            base_types = types if not suffix else base_types
         summary = {"latent_dim": fitted.latent_dim, "epochs_run": len(fitted.history)}
         kb = sum(t.numel() * t.element_size() for t in head.state_dict().values()) / 1024
         print_row(root, (text or "defaults") + suffix, ev, types, (summary, fit_s, kb))
@@ -206,12 +296,42 @@ def mask_detail(out: AnomalyOutput, masks: np.ndarray, cal) -> str:
     )
 
 
+def time_backbones(names: list[str], size: int, rounds: int, batch: int = 8) -> None:
+    """ms/image of each backbone's default-layer extractor (features only, fp32, this process's
+    threads), alternating the backbones round by round so load drifts hit all of them alike."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(batch, size, size, 3), dtype=np.uint8)
+    extractors = {
+        n: build_extractor(ModelConfig(backbone=n, image_size=size)).eval() for n in names
+    }
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for name, extractor in extractors.items():
+            t0 = time.perf_counter()
+            for _ in feature_batches(extractor, images, batch, torch.device("cpu")):
+                pass
+            times[name].append((time.perf_counter() - t0) * 1000 / batch)
+    ref = float(np.median(times[names[0]][1:]))
+    for name in names:
+        med = float(np.median(times[name][1:]))
+        chans = sum(
+            layer.channels
+            for layer in backbone_info(name).layers
+            if layer.name in backbone_info(name).default_layers
+        )
+        print(
+            f"| {name} | {chans} | {med:.1f} | {med / ref:.2f} | "
+            f"{' '.join(f'{t:.0f}' for t in times[name][1:])} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="an MVTec-layout category root")
+    ap.add_argument("--data", help="an MVTec-layout category root")
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--superset", required=True, help="'+'-separated layers, backbone order")
+    ap.add_argument("--superset", default="", help="'+'-separated layers, backbone order")
     ap.add_argument("--run", action="append", default=[], help="field=v;field=v (one head each)")
     ap.add_argument("--rescore", action="append", default=[], help="field=v;... rescoring only")
     ap.add_argument("--max-train", type=int, default=None)
@@ -219,12 +339,27 @@ def main() -> None:
         "--screen-train", type=int, default=None, help="train on the first N of the train split"
     )
     ap.add_argument("--cache", default="/tmp/acc/cache")
+    ap.add_argument("--heads", default="/tmp/acc/heads", help="trained heads, reused by --run")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-type", action="store_true")
     ap.add_argument("--cache-only", action="store_true", help="extract and cache, no runs")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument(
+        "--time-backbones", default="", help="'+'-separated backbones: ms/image only, no data"
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of --time-backbones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.time_backbones:
+        print(
+            "| backbone | C (default layers) | ms/img (median) | ratio | per round |\n"
+            + "|---" * 5
+            + "|"
+        )
+        time_backbones(args.time_backbones.split("+"), args.size, args.rounds)
+        return
+    if not args.data or not args.superset:
+        ap.error("--data and --superset are required (unless --time-backbones)")
     root = Path(args.data)
     superset = tuple(x for x in args.superset.split("+") if x)
     t0 = time.perf_counter()

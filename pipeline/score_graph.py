@@ -62,7 +62,7 @@ def build_dataset(
         return ds.map_batches(
             ScoringActor,
             fn_constructor_kwargs={"config": scoring},
-            compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            compute=_actor_pool(ActorPoolStrategy, plan, _bundles(blocks, batch_size)),
             batch_format="pyarrow",
             batch_size=batch_size,
             num_cpus=plan.cpus_per_actor,
@@ -74,6 +74,24 @@ def build_dataset(
             # shards (pipeline.score_resume), which is what a restart would do anyway.
             max_restarts=0,
         )
+
+
+def _bundles(blocks: list[pa.Table], batch_size: int) -> int:
+    """How many inputs the actor stage can get at most: Ray Data bundles small blocks until a
+    bundle holds ``batch_size`` rows, so a small night arrives as fewer bundles than blocks."""
+    rows = sum(block.num_rows for block in blocks)
+    return max(1, min(len(blocks), -(-rows // max(1, batch_size))))
+
+
+def _actor_pool(strategy: Any, plan: ResourcePlan, n_inputs: int) -> Any:
+    """The plan's actor pool, never larger than the inputs the wave can give it.
+
+    A pool whose minimum exceeds its inputs cannot use the extra actors, and Ray Data warns
+    about it on every such run ("minimum number of concurrent actors ... only received 1
+    input(s)"), a warning-level line a user cannot act on (a small night, the demo).
+    """
+    max_size = max(1, min(plan.max_actors, n_inputs))
+    return strategy(min_size=min(plan.min_actors, max_size), max_size=max_size)
 
 
 def physical_plan(ds: Any) -> str:

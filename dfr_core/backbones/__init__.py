@@ -5,8 +5,8 @@ size the reconstruction network and the regional grid without running a forward 
 registry is verified against real forward passes by the unit tests.
 
 The package: ``spec`` (what a backbone declares) | ``vgg19``, ``mobilenet_v2``,
-``efficientnet_lite0`` (one spec each) | ``registry`` | ``weights`` (resolution, loading,
-sha256) | ``extractor`` (FeatureBackbone, build_backbone).
+``efficientnet_lite`` (lite0/1/2: one spec each) | ``registry`` | ``weights`` (resolution,
+loading, sha256) | ``extractor`` (FeatureBackbone, build_backbone).
 """
 
 from dfr_core.backbones.extractor import FeatureBackbone, build_backbone, default_weights_path

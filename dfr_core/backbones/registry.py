@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dfr_core.backbones import efficientnet_lite0, mobilenet_v2, vgg19
+from dfr_core.backbones import efficientnet_lite, mobilenet_v2, vgg19
 from dfr_core.backbones.spec import BackboneInfo, BackboneSpec, LayerInfo
 
 _REGISTRY: dict[str, BackboneSpec] = {
-    spec.info.name: spec for spec in (vgg19.SPEC, mobilenet_v2.SPEC, efficientnet_lite0.SPEC)
+    spec.info.name: spec for spec in (vgg19.SPEC, mobilenet_v2.SPEC, *efficientnet_lite.SPECS)
 }
 
 

@@ -28,7 +28,7 @@ from pipeline import outputs, registry, storage
 from pipeline.demo.synthetic import render_normal
 from pipeline.score_job import ScoreJobConfig, run_score_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SIZE = 64
 LINE = "metal_plate"

@@ -44,7 +44,7 @@ from pipeline.score_job import ScoreJobConfig, ScoreSummary, run_score_job
 from pipeline.storage import StorageOptions
 from pipeline.train_job import ERROR, OK, TrainJobConfig, run_train_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 SIZE = 64
 LINE = "metal_plate"
@@ -52,7 +52,7 @@ N_IMAGES = 48
 DATE = "2024-06-01"
 MODEL = ModelConfig(backbone="mobilenet_v2", layers=("features.1", "features.3"), image_size=SIZE)
 TRAIN = TrainConfig(epochs=2, batch_size=4, positions_per_image=64, patience=0)
-WAIT_S = 240.0  # upper bound of every wait loop (a hung job fails the test, never hangs it)
+WAIT_S = 600.0  # upper bound of every wait loop (a hung job fails the test, never hangs it)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -401,14 +401,14 @@ def test_training_faults_fail_alone(ray_session: Any, s3_bucket: str, tmp_path: 
     killer.join(WAIT_S)
 
     assert len(killed) == 1
-    by_line = {r["product_line"]: r for r in result.results}
-    assert by_line["fine"]["status"] == OK
-    assert by_line["corrupt"]["status"] == ERROR
-    assert by_line["corrupt"]["error"].startswith(
+    by_line = {r.product_line: r for r in result.results}
+    assert by_line["fine"].status == OK
+    assert by_line["corrupt"].status == ERROR
+    assert by_line["corrupt"].error.startswith(
         f"only 0 of 6 images in train_uri {s3_bucket}/data/corrupt could be decoded"
     )
-    assert by_line["victim"]["status"] == ERROR
-    assert "Worker" in by_line["victim"]["error"] and "died" in by_line["victim"]["error"]
+    assert by_line["victim"].status == ERROR
+    assert "Worker" in by_line["victim"].error and "died" in by_line["victim"].error
     assert registry.list_product_lines(models) == ["fine"]
     for line in ("corrupt", "victim"):
         assert registry.latest_version(models, line) is None

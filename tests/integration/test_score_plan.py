@@ -14,7 +14,7 @@ from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 from pipeline.score_graph import build_dataset, physical_plan
 from pipeline.score_stages import ScoringConfig
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 SCORING = ScoringConfig(
     models_uri="/nonexistent", models={}, cache_dir="/tmp", options=None, output_uri="/tmp/o",

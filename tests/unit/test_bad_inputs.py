@@ -266,7 +266,7 @@ MANIFEST_CASES: dict[str, tuple[str, list[str]]] = {
         "product_line,train_uri,backbone\nfoo,/d,resnet9000\n",
         [
             "line 2, column 'backbone': unknown backbone 'resnet9000'; known: vgg19, mobilenet_v2, "
-            "efficientnet_lite0"
+            "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
         ],
     ),  # fmt: skip
     "unknown column": (

@@ -178,7 +178,7 @@ def test_csv_list_file_uses_uri_column() -> None:
         (
             "product_line,train_uri,backbone\na,x,resnet\n",
             ["line 2, column 'backbone': unknown backbone 'resnet'; known: vgg19, mobilenet_v2, "
-             "efficientnet_lite0"],
+             "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"],
         ),
         (
             "product_line,train_uri\na,ftp://host/x\n",

@@ -42,3 +42,30 @@ def test_given_figures_are_kept(request_, expect):
     plan = plan_resources(request_, ClusterShape((4.0,), (1.0,)), MP)
     for name, value in expect.items():
         assert getattr(plan, name) == value
+
+
+@pytest.mark.parametrize(
+    ("pool", "blocks", "expect"),
+    [((3, 3), 1, (1, 1)), ((2, 4), 3, (2, 3)), ((1, 8), 100, (1, 8)), ((2, 2), 0, (1, 1))],
+)
+def test_the_actor_pool_never_exceeds_the_waves_inputs(pool, blocks, expect):
+    """More actors than inputs cannot be used, and Ray Data warns on every such (small) run."""
+    from pipeline.score_graph import _actor_pool
+
+    plan = plan_resources(
+        ResourceRequest(min_actors=pool[0], max_actors=pool[1]), ClusterShape((32.0,), (0.0,)), MP
+    )
+    sizes = _actor_pool(lambda min_size, max_size: (min_size, max_size), plan, blocks)
+    assert sizes == expect
+
+
+def test_small_blocks_arrive_bundled_up_to_the_batch_size():
+    import pyarrow as pa
+
+    from pipeline.score_graph import _bundles
+
+    blocks = [pa.table({"x": list(range(5))}), pa.table({"x": list(range(5))})]
+    assert _bundles(blocks, 16) == 1  # the demo: two lines of 5 images, one bundle of 10
+    assert _bundles(blocks, 4) == 2  # never more than the blocks
+    assert _bundles([pa.table({"x": list(range(100))})] * 8, 32) == 8
+    assert _bundles([], 32) == 1

@@ -90,3 +90,57 @@ def test_a_model_saved_with_default_layers_keeps_the_layers_it_used():
             "backbone": {"name": "mobilenet_v2", "layers": used, "channels": 232},
         }
         assert model_config_of(meta).layers == tuple(used)
+
+
+RUN = "layers=features.1+features.3;epochs=2;positions_per_image=32"
+
+
+def _lever_rows(capsys, argv: list[str]) -> dict[str, list[str]]:
+    """Run benchmarks/accuracy_levers.py's main; its table rows by config label."""
+    from benchmarks import accuracy_levers
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["accuracy_levers.py", *argv])
+        accuracy_levers.main()
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| mvtec "):
+            cells = line.split(" | ")
+            if len(cells) == 16:  # a --rescore label "run | change" holds one " | "
+                cells[1:3] = [" | ".join(cells[1:3])]
+            rows[cells[1]] = cells
+    return rows, out
+
+
+def test_levers_script_rescores_a_saved_head_with_score_settings(tmp_path, capsys):
+    """--rescore of score settings needs no retraining: the head is saved and reloaded (same
+    rows), an image-score-only change keeps the maps' pixel metrics, and the quantile
+    normalisation alone (no global term) is affine, so it changes no metric."""
+    from pipeline.demo.synthetic import SyntheticSpec, write_mvtec_dataset
+
+    spec = SyntheticSpec(
+        product_lines=("metal_plate",), n_train=20, n_test_good=4, n_test_defect=6, size=64
+    )
+    root = write_mvtec_dataset(tmp_path / "data", spec)["metal_plate"]
+    (tmp_path / "mvtec").symlink_to(root)  # the row's dataset column is the root's name
+    argv = [
+        "--data", str(tmp_path / "mvtec"), "--size", "64", "--superset", "features.1+features.3",
+        "--cache", str(tmp_path / "cache"), "--heads", str(tmp_path / "heads"),
+        "--run", RUN, "--rescore", "image_score=max",
+        "--rescore", "global_weight=0", "--rescore", "score_norm=none;global_weight=0",
+        "--rescore", "smoothing_sigma=0", "--rescore", "map_global=1",
+    ]  # fmt: skip
+    first, out = _lever_rows(capsys, argv)
+    assert "head loaded" not in out
+    base = first[RUN]
+    assert len(first) == 6
+    by_change = {label.split(" | ", 1)[1]: row for label, row in first.items() if " | " in label}
+    assert by_change["image_score=max"][3:5] == base[3:5]  # pixel AUROC, PRO: same maps
+    local = by_change["global_weight=0"]
+    assert by_change["score_norm=none;global_weight=0"][2:] == local[2:]
+    assert by_change["map_global=1"][2] == base[2]  # scores unchanged, maps changed
+    again, out = _lever_rows(capsys, argv)
+    assert "head loaded" in out
+    for label, row in first.items():
+        assert again[label][:12] == row[:12]  # all but d / epochs / fit s / ms / KB
