@@ -132,7 +132,7 @@ def measure(models_uri: str, image_path: str, out: str, threads: int, tile_batch
     import numpy as np
     import torch
 
-    from dfr_core.artifact import model_config_of, read_metadata
+    from dfr_core.artifact_meta import read_model_metadata
     from pipeline import registry
     from pipeline.score_stages import ScoringActor
     from pipeline.scoring_config import ScoringConfig
@@ -140,8 +140,7 @@ def measure(models_uri: str, image_path: str, out: str, threads: int, tile_batch
     torch.set_num_threads(threads)
     version = registry.latest_version(models_uri, LINE)
     cache = os.path.join(out, "cache")
-    meta = read_metadata(registry.fetch(models_uri, LINE, version, cache))
-    geometry = model_config_of(meta)
+    geometry = read_model_metadata(registry.fetch(models_uri, LINE, version, cache)).model_config
     config = ScoringConfig(
         models_uri=models_uri, models={LINE: version}, cache_dir=cache, options=None,
         output_uri=out, run_date=DATE, run_id="tile-memory", masks="all", heatmaps=True,

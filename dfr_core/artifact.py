@@ -25,8 +25,11 @@ from dfr_core.artifact_meta import (  # noqa: F401 - re-exported: the torch-free
     HEAD_FILE,
     LIBRARY_VERSION,
     ArtifactError,
+    ModelMetadata,
     model_config_of,
+    parse_metadata,
     read_metadata,
+    read_model_metadata,
     sha256_bytes,
 )
 from dfr_core.calibrate import Calibration
@@ -38,7 +41,7 @@ from dfr_core.model import DFRHead, DFRModel, build_extractor
 class LoadedModel(NamedTuple):
     model: DFRModel
     calibration: Calibration | None
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
 
 
 def _versions() -> dict[str, str]:
@@ -88,22 +91,23 @@ def save_model(
     return meta
 
 
-def load_head(directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> DFRHead:
+def load_head(directory: str | os.PathLike, meta: ModelMetadata | None = None) -> DFRHead:
     """Rebuild the per-product head after verifying its checksum (weights_only loading)."""
-    meta = meta or read_metadata(directory)
+    meta = meta or read_model_metadata(directory)
     path = Path(directory) / HEAD_FILE
     if not path.is_file():
         raise ArtifactError(f"{path}: missing weights file")
     data = path.read_bytes()
-    expected = meta["files"].get(HEAD_FILE)
+    expected = meta.files.get(HEAD_FILE)
     if sha256_bytes(data) != expected:
         raise ArtifactError(f"{path}: sha256 mismatch (expected {expected}); refusing to load")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle payload or corrupt file: never executed
         raise ArtifactError(f"{path}: not a plain tensor state dict ({exc})") from exc
-    config = model_config_of(meta)
-    head = DFRHead(config, int(meta["backbone"]["channels"]), int(meta["latent_dim"]))
+    if meta.backbone.channels is None:
+        raise ArtifactError(f"{path}: model.json records no backbone channels")
+    head = DFRHead(meta.model_config, meta.backbone.channels, meta.latent_dim)
     try:
         head.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:
@@ -111,31 +115,35 @@ def load_head(directory: str | os.PathLike, meta: dict[str, Any] | None = None) 
     return head.eval()
 
 
-def check_extractor(extractor: FeatureExtractor, meta: dict[str, Any]) -> None:
+def check_extractor(extractor: FeatureExtractor, meta: ModelMetadata) -> None:
     """The extractor must be the one the model was trained with (name, layers, weights)."""
-    want = meta["backbone"]
+    want = meta.backbone
     got = extractor.backbone
-    if got.name != want["name"] or [x.name for x in got.layers] != list(want["layers"]):
+    if got.name != want.name or [x.name for x in got.layers] != list(want.layers):
         raise ArtifactError(
-            f"model expects backbone {want['name']} {want['layers']}, "
+            f"model expects backbone {want.name} {list(want.layers)}, "
             f"got {got.name} {[x.name for x in got.layers]}"
         )
-    if want.get("weights_sha256") != got.weights_sha256:
+    if want.weights_sha256 != got.weights_sha256:
         raise ArtifactError(
-            f"model was trained with {want['name']} weights sha256 {want.get('weights_sha256')}, "
+            f"model was trained with {want.name} weights sha256 {want.weights_sha256}, "
             f"but the loaded weights have sha256 {got.weights_sha256} ({got.weights_source})"
         )
-    if extractor.input_hw != model_config_of(meta).input_hw:
+    if extractor.input_hw != meta.model_config.input_hw:
         raise ArtifactError("extractor image size differs from the model's")
 
 
-def calibration_of(meta: dict[str, Any]) -> Calibration | None:
-    """The thresholds and the precision they hold at (absent in older models: fp32)."""
-    cal = meta.get("calibration")
-    if not cal:
+def calibration_of(meta: ModelMetadata, required: bool = False) -> Calibration | None:
+    """The thresholds and the precision they hold at (absent in older models: fp32).
+
+    ``required``: a model without thresholds is an ArtifactError (ModelMetadata's
+    require_calibration) instead of None: scoring refuses such a model, with one message.
+    """
+    if meta.calibration is None and not required:
         return None
+    record = meta.require_calibration()  # the one "no calibration" check
     try:
-        calibration = Calibration(**cal)
+        calibration = Calibration(**record.fields)
         calibration.precision_spec  # noqa: B018 - validate the recorded precision now
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"bad calibration in model.json: {exc}") from exc
@@ -153,15 +161,14 @@ def load_model(
     random backbone would give different features, so that is refused unless the very
     extractor it was trained with is passed in.
     """
-    meta = read_metadata(directory)
-    config = model_config_of(meta)
+    meta = read_model_metadata(directory)
     if extractor is None:
-        if meta["backbone"].get("weights_sha256") is None:
+        if meta.backbone.weights_sha256 is None:
             raise ArtifactError(
                 f"{directory}: trained on a random-init backbone, which cannot be rebuilt; "
                 "pass the extractor it was trained with"
             )
-        extractor = build_extractor(config, weights_path)
+        extractor = build_extractor(meta.model_config, weights_path)
     check_extractor(extractor, meta)
     calibration = calibration_of(meta)
     precision = calibration.precision_spec if calibration else None

@@ -1,7 +1,13 @@
 """Reader for datasets in MVTec AD layout (CAT/train/good, CAT/test/<type>, CAT/ground_truth).
 
-The layout rule (`GOOD`, `mask_name`) is defined here once; pipeline.mvtec_remote applies it to
-labelled sets at any storage URI (S3 included), this module to local directories.
+The layout rule is defined here once (:func:`mask_of`: which test images have a mask, and
+where it lies) and the decoding is dfr_core.decode's; pipeline.mvtec_remote applies both to
+labelled sets at any storage URI. Why two thin readers remain: this one reads local folders
+with pathlib for the benchmarks and the real-data tests, and dfr_core may not import the
+storage layer (fsspec/S3); the pipeline's lists an S3 prefix with one request per folder and
+reads in threads. What differs is only that I/O, and what each caller needs of an absent
+part: a category without ``test/`` is still trainable here, while the pipeline's reader is
+for evaluation sets, where it is an error.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ GOOD = "good"
 def mask_name(image_name: str) -> str:
     """The ground-truth mask file of a test image: ``ground_truth/<kind>/<stem>_mask.png``."""
     return f"{os.path.splitext(image_name)[0]}_mask.png"
+
+
+def mask_of(kind: str, image_name: str) -> tuple[str, str] | None:
+    """Where the mask of test image ``test/<kind>/<image_name>`` lies below ``ground_truth/``:
+    ``(kind, <stem>_mask.png)``; None for a normal (``good``) image, which has none."""
+    return None if kind == GOOD else (kind, mask_name(image_name))
 
 
 class Sample(NamedTuple):
@@ -54,11 +66,10 @@ def list_category(root: str | os.PathLike) -> tuple[list[Path], list[Sample]]:
         sorted(d.name for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
     ):
         for img in _images_in(test_dir / kind):
-            mask = None
-            if kind != GOOD:
-                mask = root / "ground_truth" / kind / mask_name(img.name)
-                if not mask.is_file():
-                    raise FileNotFoundError(f"{img}: ground-truth mask {mask} not found")
+            parts = mask_of(kind, img.name)
+            mask = None if parts is None else root.joinpath("ground_truth", *parts)
+            if mask is not None and not mask.is_file():
+                raise FileNotFoundError(f"{img}: ground-truth mask {mask} not found")
             test.append(Sample(img, kind, mask))
     return _images_in(train_dir), test
 

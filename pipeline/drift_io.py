@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dfr_core.artifact_meta import ArtifactError, read_metadata
+from dfr_core.artifact_meta import ArtifactError, ModelMetadata, read_model_metadata
 from pipeline import outputs, registry, storage
 from pipeline.drift import SCORE_COLUMN, DriftConfig, DriftReference, LineDrift, compute_drift
 from pipeline.input_stats import STAT_NAMES, batch_stats, tiles_stats
@@ -139,9 +139,9 @@ def rows_of_images(
     }
 
 
-def reference_of(meta: dict[str, Any]) -> DriftReference | None:
+def reference_of(meta: ModelMetadata) -> DriftReference | None:
     """The reference stored in a model.json, or None for a model trained without one."""
-    data = (meta.get("extra") or {}).get("drift_reference")
+    data = meta.drift_reference
     return DriftReference.from_dict(data) if data else None
 
 
@@ -224,7 +224,7 @@ def _reference_for(
     then, and a broken model must not stop the run from committing)."""
     try:
         directory = registry.fetch(models_uri, line, version, cache_dir, options)
-        return reference_of(read_metadata(directory))
+        return reference_of(read_model_metadata(directory))
     except (ArtifactError, OSError, ValueError, KeyError):
         return None
 

@@ -18,7 +18,6 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import secrets
 import time
 from typing import Any
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dfr_core import metrics
-from dfr_core.artifact import LoadedModel, load_model, read_metadata
+from dfr_core.artifact import LoadedModel, load_model, read_model_metadata
 from dfr_core.calibrate import Calibration, compute_maps
 from dfr_core.config import ModelConfig
 from dfr_core.evaluate import EvalResult, evaluate_outputs, evaluation_curves
@@ -71,12 +70,18 @@ def _listing_rows(data: bytes, uri: str) -> list[tuple[int, dict[str, str]]]:
     return out
 
 
-def _absolute(value: str, uri: str) -> str:
-    if "://" in value or os.path.isabs(value):
-        return value
-    if "://" in uri and not uri.startswith("file://"):
-        return storage.join_uri(uri.rsplit("/", 1)[0], *value.split("/"))
-    return os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("file://"))), value)
+def _uris(cells: dict[str, str], line: int, uri: str) -> tuple[str, str | None] | Problem:
+    """(image URI, mask URI or None), relative ones resolved against the listing's folder by
+    the one rule (storage.resolve_relative); a Problem for an entry that climbs out of it."""
+    folder = storage.folder_of(uri)
+    resolved = []
+    for column in ("image_uri", "mask_uri"):
+        value = cells.get(column)
+        try:
+            resolved.append(storage.resolve_relative(value, folder, column) if value else None)
+        except ValueError as exc:
+            return Problem(line, column, str(exc))
+    return resolved[0] or "", resolved[1]
 
 
 def list_labelled_listing(
@@ -98,9 +103,12 @@ def list_labelled_listing(
             )  # fmt: skip
         if problems and problems[-1].line == line:
             continue
-        mask = _absolute(cells["mask_uri"], uri) if cells.get("mask_uri") else None
+        uris = _uris(cells, line, uri)
+        if isinstance(uris, Problem):
+            problems.append(uris)
+            continue
         kind = GOOD if label == NORMAL else DEFECT
-        samples.append(LabelledSample(_absolute(cells["image_uri"], uri), kind, mask))
+        samples.append(LabelledSample(uris[0], kind, uris[1]))
     if problems:
         text = "\n".join(f"  {p}" for p in problems)
         raise LabelledSetError(f"labelled listing {uri}: {len(problems)} problem(s):\n{text}")
@@ -233,8 +241,8 @@ def load_version(
 ) -> LoadedModel:
     """Fetch (verified) and load one published version, backbone included."""
     directory = registry.fetch(models_uri, line, version, cache_dir, options)
-    meta = read_metadata(directory)
-    weights = registry.resolve_weights(meta, cache_dir, options)
+    meta = read_model_metadata(directory)
+    weights = registry.resolve_weights(meta.weights_uri, cache_dir, options)
     return load_model(directory, weights, extractor)
 
 

@@ -114,15 +114,6 @@ def _header_problems(header: list[str]) -> list[Problem]:
     return problems
 
 
-def _absolute(value: str, base_dir: str | None, options: StorageOptions | None) -> str:
-    if "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-        if base_dir is None:
-            raise ValueError(f"relative path {value!r} in a remote feedback table")
-        value = os.path.join(base_dir, value)
-    storage.get_fs(value, options)
-    return value
-
-
 def _parse_row(
     line: int,
     cells: dict[str, str],
@@ -147,7 +138,7 @@ def _parse_row(
     for column in uris:
         if cells.get(column):
             try:
-                uris[column] = _absolute(cells[column], base_dir, options)
+                uris[column] = storage.cell_uri(cells[column], base_dir, options, "feedback table")
             except ValueError as exc:
                 problems.append(Problem(line, column, storage.redact(str(exc))))
     when = cells.get("reviewed_at") or None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -56,16 +55,9 @@ def is_list_file(uri: str) -> bool:
 
 
 def _resolve_entry(entry: str, list_uri: str) -> str:
-    """An absolute URI stays as is; a relative one is taken relative to the list file.
-
-    Relative entries are joined component by component through storage.join_uri, so an entry
-    such as ``../../secret.png`` is rejected rather than escaping the list's directory.
-    """
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    base = posixpath.dirname(list_uri.rstrip("/")) or "."
-    parts = [p for p in entry.replace("\\", "/").split("/") if p not in ("", ".")]
-    return storage.join_uri(base, *parts)
+    """An absolute URI stays as is; a relative one is taken relative to the list file's folder
+    (storage.resolve_relative: ``../../secret.png`` is refused, not read)."""
+    return storage.resolve_relative(entry, storage.folder_of(list_uri), "list entry")
 
 
 def parse_list_file(text: str, list_uri: str) -> list[str]:

@@ -19,12 +19,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dfr_core.config import ModelConfig
 from dfr_core.decode import DecodeError, DecodeReason, decode_image, header_size
 from dfr_core.geometry import GeometryError, TilePlan, plan_tiles, prepare_image
 from pipeline import storage
 from pipeline.input_stats import STAT_NAMES, tiles_stats
+from pipeline.listing_arrow import sparse_strings
+from pipeline.row_errors import mark_errors
 from pipeline.storage import StorageOptions
 
 #: Columns added by the stages, in order of appearance.
@@ -59,17 +62,11 @@ def _set_errors(batch: pa.Table, failures: dict[int, RowError]) -> pa.Table:
     """Mark rows ``i`` in ``failures`` as errors (status/error_reason/error columns)."""
     if not failures:
         return batch
-    status = batch.column("status").to_pylist()
-    reasons = batch.column("error_reason").to_pylist()
-    errors = batch.column("error").to_pylist()
-    for i, failure in failures.items():
-        status[i], reasons[i] = "error", failure.reason
-        errors[i] = f"{failure.reason}: {storage.redact(failure.message)}"
-    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
-        batch = batch.set_column(
-            batch.schema.get_field_index(name), name, pa.array(values, pa.string())
-        )
-    return batch
+    reasons = sparse_strings(batch.num_rows, {i: f.reason for i, f in failures.items()})
+    messages = {i: storage.redact(f.message) for i, f in failures.items()}
+    return mark_errors(
+        batch, pc.is_valid(reasons), reasons, sparse_strings(batch.num_rows, messages)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Two input forms:
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 from collections.abc import Iterator
 
@@ -69,14 +68,14 @@ def is_listing_file(uri: str) -> bool:
     return uri.lower().rstrip("/").endswith(LISTING_SUFFIXES)
 
 
-def _resolve_uri(entry: str, listing_uri: str) -> str:
-    """Relative entries in a listing are relative to the listing's own directory."""
-    if "://" in entry or os.path.isabs(entry):
+def _resolve_uri(entry: str, folder: str) -> str:
+    """Relative entries in a listing are relative to the listing's own folder (the one rule,
+    storage.resolve_relative); one that would climb out of it (``..``) stays as written, and
+    becomes a ``bad_uri`` row (listing_arrow.row_problems) rather than failing the listing."""
+    try:
+        return storage.resolve_relative(entry, folder, "image_uri")
+    except ValueError:
         return entry
-    if "://" in listing_uri:
-        scheme, rest = listing_uri.split("://", 1)
-        return f"{scheme}://" + posixpath.normpath(posixpath.join(posixpath.dirname(rest), entry))
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(listing_uri)), entry))
 
 
 def _parse_timestamps(column: pa.ChunkedArray, first_row: int = 0) -> pa.Array:
@@ -182,7 +181,8 @@ def _resolve_relative(uris: pa.Array, listing_uri: str) -> pa.Array:
     relative = pc.fill_null(pc.and_(pc.invert(absolute), pc.not_equal(uris, "")), False)
     if not pc.any(relative).as_py():
         return uris
-    resolved = [_resolve_uri(u, listing_uri) for u in uris.filter(relative).to_pylist()]
+    folder = storage.folder_of(listing_uri)
+    resolved = [_resolve_uri(u, folder) for u in uris.filter(relative).to_pylist()]
     return pc.replace_with_mask(uris, relative, pa.array(resolved, pa.string()))
 
 

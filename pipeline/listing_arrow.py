@@ -88,12 +88,18 @@ def row_problems(
 ) -> tuple[pa.Array, pa.Array, pa.Array]:
     """(product line to use, error_reason, message) per row; problems only where found.
 
-    Priority as documented in docs/scoring.md: a bad product line, else an empty URI, else an
-    unsafe given id. Messages come from safe_component itself, for the few problem rows only.
+    Priority as documented in docs/scoring.md: a bad product line, else an empty URI or a
+    relative one the listing could not resolve (``..``: listing._resolve_uri leaves it as
+    written), else an unsafe given id. Messages come from safe_component / resolve_relative
+    themselves, for the few problem rows only.
     """
     n = len(uri)
     bad_line = pc.invert(safe_mask(line))
-    bad_uri = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(uri, "")), "")
+    filled = pc.fill_null(uri, "")
+    empty = pc.equal(pc.utf8_trim_whitespace(filled), "")
+    rooted = pc.or_(pc.match_substring(filled, "://"), pc.starts_with(filled, "/"))
+    relative = pc.invert(pc.or_(pc.or_(empty, rooted), pc.starts_with(filled, "~")))
+    bad_uri = pc.or_(empty, relative)
     has_id = pc.fill_null(pc.not_equal(given, ""), False)
     bad_id = pc.and_(has_id, pc.invert(safe_mask(given)))
     any_bad = pc.or_(pc.or_(bad_line, bad_uri), bad_id)
@@ -104,12 +110,13 @@ def row_problems(
     ids_py = given.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
     bad_line_py = bad_line.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
     bad_uri_py = bad_uri.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
+    uris_py = filled.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
     for k, i in enumerate(rows):
         if bad_line_py[k]:
             reasons[i] = "bad_product_line"
             messages[i] = checked(lines_py[k], "product line")
         elif bad_uri_py[k]:
-            reasons[i], messages[i] = "bad_uri", "empty image_uri"
+            reasons[i], messages[i] = "bad_uri", _uri_problem(uris_py[k])
         else:
             reasons[i] = "bad_image_id"
             messages[i] = checked(ids_py[k], "image id")
@@ -117,6 +124,17 @@ def row_problems(
     message_arr = sparse_strings(n, messages)
     fixed_line = pc.if_else(bad_line, pa.scalar(invalid_line), line)
     return fixed_line, reason_arr, message_arr
+
+
+def _uri_problem(uri: str) -> str:
+    """Why a listing's image_uri cannot be read: empty, or relative and unresolvable."""
+    if not uri.strip():
+        return "empty image_uri"
+    try:
+        storage.resolve_relative(uri, "/", "image_uri")
+    except ValueError as exc:
+        return str(exc)
+    return f"relative image_uri {uri!r} was not resolved against the listing"
 
 
 def sparse_strings(n: int, values: dict[int, str | None]) -> pa.Array:

@@ -156,12 +156,7 @@ def _product_line_error(name: str) -> str | None:
 
 def _resolve_uri(value: str, base_dir: str | None, options: StorageOptions | None) -> str:
     """An absolute URI for a cell; ValueError with the reason when it cannot be one."""
-    if "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-        if base_dir is None:
-            raise ValueError(f"relative path {value!r} in a remote manifest: use an absolute URI")
-        value = os.path.join(base_dir, value)
-    storage.get_fs(value, options)  # rejects unsupported schemes and bucket-less S3 URIs
-    return value
+    return storage.cell_uri(value, base_dir, options, "manifest")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Labelled test sets in MVTec AD layout at any storage URI (local directory or S3 prefix).
 
 ``{uri}/test/<kind>/<name>.<ext>`` with kind ``good`` for normal images, and for every other
-kind a mask ``{uri}/ground_truth/<kind>/<stem>_mask.png``: the rule of dfr_core.datasets (``GOOD``,
-``mask_name``), which reads local directories only. This module lists with one recursive
-listing per folder, so it costs two requests on S3 however many images there are, and it reads
-through the same storage and decode path as training.
+kind a mask ``{uri}/ground_truth/<kind>/<stem>_mask.png``: the rule of dfr_core.datasets
+(``mask_of``), whose reader reads local folders only (dfr_core may not import storage; its
+docstring says why two thin readers remain). This module lists with one recursive listing per
+folder, so it costs two requests on S3 however many images there are, and it reads through
+the same storage and decode path as training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dfr_core.config import size_hw
-from dfr_core.datasets import GOOD, mask_name
+from dfr_core.datasets import GOOD, mask_of
 from dfr_core.decode import DecodeError, decode_mask
 from pipeline import storage
 from pipeline.image_sets import READ_THREADS, ImageFailure, canonical_uri, read_image
@@ -67,10 +68,11 @@ def list_labelled_set(uri: str, options: StorageOptions | None = None) -> list[L
                 f"{image}: test images must lie directly in test/<kind>/ (MVTec AD layout)"
             )
         kind, name = parts
+        where = mask_of(kind, name)
         mask = None
-        if kind != GOOD:
+        if where is not None:
             try:
-                mask = storage.join_uri(gt_uri, kind, mask_name(name))
+                mask = storage.join_uri(gt_uri, *where)
             except ValueError as exc:
                 raise LabelledSetError(f"{image}: cannot name its mask ({exc})") from None
             if mask not in masks:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dfr_core.artifact import ArtifactError, load_model, model_config_of, read_metadata
+from dfr_core.artifact import ArtifactError, load_model, read_model_metadata
 from dfr_core.config import ModelConfig
 from pipeline import evaluation, registry, storage
 from pipeline.storage import StorageOptions
@@ -212,9 +212,9 @@ def gate_candidate(
         return GateResult(True, Basis.NO_EVALUATION_SET, text, current, tolerance)
     try:
         directory = registry.fetch(models_uri, line, current, cache_dir, options)
-        meta = read_metadata(directory)
-        config = model_config_of(meta)
-        weights = registry.resolve_weights(meta, cache_dir, options)
+        meta = read_model_metadata(directory)
+        config = meta.model_config
+        weights = registry.resolve_weights(meta.weights_uri, cache_dir, options)
         loaded = load_model(directory, weights, extractor_factory(config, weights))
         lset = evaluation.load_eval_set(samples, config, options)
         metrics = evaluation.evaluate_model(

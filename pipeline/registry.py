@@ -28,7 +28,13 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from dfr_core.artifact_meta import CONFIG_FILE, ArtifactError, read_metadata
+from dfr_core.artifact_meta import (
+    CONFIG_FILE,
+    ArtifactError,
+    ModelMetadata,
+    parse_metadata,
+    read_model_metadata,
+)
 from dfr_core.hashing import sha256_file
 from pipeline import storage
 from pipeline.run_lease import process_alive
@@ -124,10 +130,10 @@ def list_versions(
     return sorted(versions)
 
 
-def _verify_dir(directory: Path) -> dict[str, Any]:
+def _verify_dir(directory: Path) -> ModelMetadata:
     """model.json parses and every file it lists has the recorded sha256 (ArtifactError if not)."""
-    meta = read_metadata(directory)
-    for name, expected in meta["files"].items():
+    meta = read_model_metadata(directory)
+    for name, expected in meta.files.items():
         path = directory / storage.safe_component(name, "artifact file")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (listed in {CONFIG_FILE})")
@@ -344,41 +350,49 @@ def fetch(
 
 
 def resolve_weights(
-    meta: dict[str, Any], cache_dir: str | os.PathLike[str], options: StorageOptions | None = None
+    uri: str | None, cache_dir: str | os.PathLike[str], options: StorageOptions | None = None
 ) -> str | None:
-    """Local path of the backbone weights a model was trained with, or None for the default.
+    """Local path of the backbone weights a model was trained with (``uri``: its
+    ModelMetadata.weights_uri), or None for the default.
 
     None means the model used the backbone registry's offline weights, which build_extractor
     finds by itself; the sha256 recorded in model.json is checked when the model is loaded.
     """
-    uri = (meta.get("extra") or {}).get("weights_uri")
     if not uri:
         return None
     return str(storage.copy_to_local(uri, cache_dir, options))
 
 
 def describe(models_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
-    """One summary per complete version of every product line (for ``models list``)."""
+    """One summary per complete version of every product line (for ``models list``).
+
+    A version whose model.json this library cannot read (a newer format, a hand-edited file)
+    is still listed, with only its name: one odd version must not hide the others.
+    """
     rows = []
     for line in list_product_lines(models_uri, options):
         latest = latest_version(models_uri, line, options)
         for version in list_versions(models_uri, line, options):
-            meta = read_version_metadata(models_uri, line, version, options)
-            extra = meta.get("extra") or {}
-            calibration = meta.get("calibration") or {}
-            rows.append(
-                {
-                    "product_line": line,
-                    "version": version,
-                    "latest": version == latest,
-                    "created_at": extra.get("created_at"),
-                    "backbone": (meta.get("backbone") or {}).get("name"),
-                    "image_size": (meta.get("model_config") or {}).get("image_size"),
-                    "train_images": extra.get("train_image_count"),
-                    "latent_dim": meta.get("latent_dim"),
-                    "image_threshold": calibration.get("image_threshold"),
-                    "pixel_threshold": calibration.get("pixel_threshold"),
-                    "metrics": meta.get("metrics") or {},
-                }
-            )
+            uri = storage.join_uri(version_uri(models_uri, line, version), CONFIG_FILE)
+            raw = read_version_metadata(models_uri, line, version, options)
+            try:
+                meta: ModelMetadata | None = parse_metadata(raw, uri)
+            except ArtifactError:
+                meta = None
+            rows.append({"product_line": line, "version": version, "latest": version == latest,
+                         **_summary(meta)})  # fmt: skip
     return rows
+
+
+def _summary(meta: ModelMetadata | None) -> dict[str, Any]:
+    calibration = meta.calibration if meta else None
+    return {
+        "created_at": meta.created_at if meta else None,
+        "backbone": meta.backbone.name if meta else None,
+        "image_size": meta.model_config.image_size if meta else None,
+        "train_images": meta.train_image_count if meta else None,
+        "latent_dim": meta.latent_dim if meta else None,
+        "image_threshold": calibration.image_threshold if calibration else None,
+        "pixel_threshold": calibration.pixel_threshold if calibration else None,
+        "metrics": meta.metrics.fields if meta else {},
+    }

@@ -25,6 +25,7 @@ from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing_rows import Listing
 from pipeline.ray_runtime import ensure_ray
 from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
+from pipeline.row_errors import mark_errors
 from pipeline.score_graph import build_dataset
 from pipeline.score_types import LineModel, RunInterrupted, ScoreJobConfig, ShardCountError
 from pipeline.scoring_config import ScoringConfig
@@ -47,17 +48,12 @@ def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Tabl
 
     Vectorised per broken line (a handful), so it costs no Python object per row.
     """
-    status, reasons, errors = (table.column(n) for n in ("status", "error_reason", "error"))
     for line, model in sorted(models.items()):
         if model.error_reason is None:
             continue
-        hit = pc.and_(pc.equal(table.column("product_line"), line), pc.equal(status, "ok"))
-        status = pc.if_else(hit, pa.scalar("error"), status)
-        reasons = pc.if_else(hit, pa.scalar(model.error_reason), reasons)
-        errors = pc.if_else(hit, pa.scalar(f"{model.error_reason}: {model.error}"), errors)
-    for name, values in (("status", status), ("error_reason", reasons), ("error", errors)):
-        index = table.schema.get_field_index(name)
-        table = table.set_column(index, table.schema.field(name), values)
+        ok = pc.equal(table.column("status"), "ok")
+        hit = pc.and_(pc.equal(table.column("product_line"), line), ok)
+        table = mark_errors(table, hit, pa.scalar(model.error_reason), pa.scalar(str(model.error)))
     return table
 
 

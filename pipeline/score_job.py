@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from dfr_core.artifact_meta import ArtifactError, model_config_of, read_metadata
+from dfr_core.artifact_meta import ArtifactError, read_model_metadata
 from pipeline import drift_io, outputs, registry, score_execute, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import LineDrift
@@ -133,20 +133,19 @@ def resolve_model(
         )
     try:
         directory = registry.fetch(config.models_uri, line, version, config.cache_dir, options)
-        meta = read_metadata(directory)
+        meta = read_model_metadata(directory)
         if check_head:
             from dfr_core.artifact import calibration_of, load_head
 
             load_head(directory, meta)
             calibration_of(meta)
-        if not meta.get("calibration"):
-            raise ArtifactError("the model has no calibration (no thresholds)")
-        if meta["backbone"].get("weights_sha256") is None:
+        meta.require_calibration()
+        if meta.backbone.weights_sha256 is None:
             raise ArtifactError(
                 "trained on a random-init backbone, which cannot be rebuilt identically"
             )
-        registry.resolve_weights(meta, config.cache_dir, options)
-        geometry = model_config_of(meta)  # image_size / tile ...: what the decode stage cuts
+        registry.resolve_weights(meta.weights_uri, config.cache_dir, options)
+        geometry = meta.model_config  # image_size / tile ...: what the decode stage cuts
     except (ArtifactError, OSError, ValueError, KeyError) as exc:
         message = f"model {line}/{version}: {type(exc).__name__}: {exc}"
         return LineModel(line, version, None, "model_error", storage.redact(message))

@@ -28,9 +28,9 @@ from dfr_core.artifact import (
     calibration_of,
     check_extractor,
     load_head,
-    model_config_of,
-    read_metadata,
+    read_model_metadata,
 )
+from dfr_core.artifact_meta import ModelMetadata
 from dfr_core.calibrate import Calibration
 from dfr_core.config import ModelConfig
 from dfr_core.device import pick_device, prepare_for_device
@@ -108,16 +108,16 @@ RESULT_COLUMNS = (
 Group = tuple[tuple[Any, ...], PrecisionSpec]
 
 
-def extractor_key(meta: dict[str, Any]) -> tuple[Any, ...]:
+def extractor_key(meta: ModelMetadata) -> tuple[Any, ...]:
     """Models with equal keys share one extractor (and one backbone forward per batch)."""
-    config = model_config_of(meta)
-    backbone = meta["backbone"]
+    config = meta.model_config
+    backbone = meta.backbone
     return (
-        backbone["name"],
-        tuple(backbone["layers"]),
+        backbone.name,
+        tuple(backbone.layers),
         config.input_hw,
         config.pool,
-        backbone.get("weights_sha256"),
+        backbone.weights_sha256,
     )
 
 
@@ -205,22 +205,20 @@ class ScoringActor:
         cfg = self.config
         version = cfg.models[line]
         directory = registry.fetch(cfg.models_uri, line, version, cfg.cache_dir, cfg.options)
-        meta = read_metadata(directory)
-        calibration = calibration_of(meta)
-        if calibration is None:
-            raise ValueError(f"model {line}/{version} has no calibration (no thresholds)")
+        meta = read_model_metadata(directory)
+        calibration = calibration_of(meta, required=True)
         precision = calibration.precision_spec
         precision.check(self.device)  # refuse (model_error rows) rather than mix precisions
         key = extractor_key(meta)
         extractor = self.extractors.get(key)
         if extractor is None:
-            weights = registry.resolve_weights(meta, cfg.cache_dir, cfg.options)
-            extractor = build_extractor(model_config_of(meta), weights_path=weights)
+            weights = registry.resolve_weights(meta.weights_uri, cfg.cache_dir, cfg.options)
+            extractor = build_extractor(meta.model_config, weights_path=weights)
             extractor = prepare_for_device(extractor.eval(), self.device)
             self.extractors[key] = extractor
         check_extractor(extractor, meta)
         head = load_head(directory, meta).to(self.device).eval()
-        return LoadedLine(version, head, calibration, key, precision, model_config_of(meta))
+        return LoadedLine(version, head, calibration, key, precision, meta.model_config)
 
     def _model(self, line: str) -> LoadedLine | None:
         if line not in self.lines and line not in self.failed:

@@ -33,7 +33,7 @@ from pipeline.model_options import OPTION_NAMES, build_configs
 from pipeline.progress import Echo, ProgressLog, ProgressPrinter
 from pipeline.ray_runtime import ensure_ray
 from pipeline.storage import StorageOptions
-from pipeline.train_task import ERROR, OK, LineTask, train_line
+from pipeline.train_task import ERROR, OK, LineResult, LineTask, train_line
 
 _POLL_S = 0.5
 
@@ -95,14 +95,14 @@ class TrainJobConfig:
 
 
 class TrainJobResult(NamedTuple):
-    """One result dict per product line, in manifest order."""
+    """One result per product line, in manifest order."""
 
-    results: list[dict[str, Any]]
+    results: list[LineResult]
     models_uri: str
 
     @property
-    def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.results if r["status"] != OK]
+    def failed(self) -> list[LineResult]:
+        return [r for r in self.results if r.status != OK]
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def _check_resources(config: TrainJobConfig, local: bool, echo: Echo) -> None:
             echo(f"warning: {message}; tasks wait until the cluster scales up")
 
 
-def _collect(ref: Any, task: LineTask) -> dict[str, Any]:
+def _collect(ref: Any, task: LineTask) -> LineResult:
     """ray.get one result; a task lost to a worker crash becomes an error row."""
     try:
         return ray.get(ref)
@@ -218,14 +218,7 @@ def _collect(ref: Any, task: LineTask) -> dict[str, Any]:
             text = "killed by Ray's memory monitor (out of memory)"
         else:
             text = f"{type(exc).__name__}: {first}"
-        return {
-            "product_line": task.row.product_line,
-            "line": task.row.line,
-            "status": ERROR,
-            "error": storage.redact(text[:500]),
-            "attempts": None,
-            "wall_seconds": None,
-        }
+        return LineResult(task.row.product_line, task.row.line, ERROR, storage.redact(text[:500]))
 
 
 def run_train_job(config: TrainJobConfig, echo: Echo | None = None) -> TrainJobResult:
@@ -295,7 +288,7 @@ def _run_tasks(config: TrainJobConfig, tasks: list[LineTask], echo: Echo) -> Tra
         ).remote(task, actor): task
         for task in tasks
     }
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, LineResult] = {}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
@@ -305,8 +298,8 @@ def _run_tasks(config: TrainJobConfig, tasks: list[LineTask], echo: Echo) -> Tra
                 task = pending.pop(ref)
                 result = _collect(ref, task)
                 results[task.row.product_line] = result
-                status = result["version"] if result["status"] == OK else result["error"]
-                echo(f"{task.row.product_line.ljust(12)}  {result['status']}: {status}")
+                status = result.version if result.status == OK else result.error
+                echo(f"{task.row.product_line.ljust(12)}  {result.status}: {status}")
         for event in ray.get(actor.drain.remote()):
             printer.handle(event)
     finally:

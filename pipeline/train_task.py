@@ -1,7 +1,7 @@
 """One product line's training, as one Ray task: read, fit, calibrate, evaluate, publish.
 
 Each task reads its images through the storage layer, fits, calibrates, optionally evaluates,
-saves an artifact and publishes it; :func:`train_line` returns a plain result dict and never
+saves an artifact and publishes it; :func:`train_line` returns a typed :class:`LineResult` and never
 raises, so one failing line is reported with its error and the others go on. The driver that
 submits these tasks is :mod:`pipeline.train_job`.
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,9 +44,45 @@ from pipeline.tiled_sets import join, load_prepared, take
 
 logger = logging.getLogger(__name__)
 
-OK = "ok"
-ERROR = "error"
 _MAX_RETRY_DELAY_S = 30.0
+
+
+class LineStatus(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+
+
+OK = LineStatus.OK
+ERROR = LineStatus.ERROR
+
+
+@dataclass(frozen=True)
+class LineResult:
+    """One product line's training outcome, as the driver collects and the CLI prints it.
+
+    A failed line has ``error`` set and none of the trained fields (its version is never
+    published); ``attempts`` and ``wall_seconds`` are None when its worker was lost.
+    """
+
+    product_line: str
+    line: int  # the manifest line, for the operator
+    status: LineStatus
+    error: str | None = None
+    attempts: int | None = None
+    wall_seconds: float | None = None
+    version: str | None = None
+    device: str | None = None
+    node_id: str | None = None
+    train_images: int | None = None
+    held_out_images: int | None = None
+    skipped_images: int | None = None
+    latent_dim: int | None = None
+    epochs_run: int | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation (empty: no test set)
+    promoted: bool | None = None
+    promotion: str | None = None  # why it was (not) promoted
 
 
 @dataclass(frozen=True)
@@ -192,7 +229,8 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
+def _train_once(task: LineTask, reporter: TaskReporter) -> LineResult:
+    """A trained and published line's result, but for its attempts and time."""
     row = task.row
     device = pick_device()
     split = _read_split(task, reporter)
@@ -257,21 +295,24 @@ def _train_once(task: LineTask, reporter: TaskReporter) -> dict[str, Any]:
         registry.publish(
             tmp, task.models_uri, row.product_line, task.storage, version, promote=gate.promote
         )
-    return {
-        "version": version,
-        "device": device.type,
-        "node_id": extra["node_id"],
-        "train_images": n_train,
-        "held_out_images": len(split.early_stopping) + len(split.calibration),
-        "skipped_images": skipped,
-        "latent_dim": fitted.summary["latent_dim"],
-        "epochs_run": fitted.summary["epochs_run"],
-        "image_threshold": calibration.image_threshold,
-        "pixel_threshold": calibration.pixel_threshold,
-        "metrics": metrics,
-        "promoted": gate.promote,
-        "promotion": promotion.format_comparison(gate) if not gate.promote else gate.reason,
-    }
+    return LineResult(
+        product_line=row.product_line,
+        line=row.line,
+        status=OK,
+        version=version,
+        device=device.type,
+        node_id=extra["node_id"],
+        train_images=n_train,
+        held_out_images=len(split.early_stopping) + len(split.calibration),
+        skipped_images=skipped,
+        latent_dim=fitted.summary["latent_dim"],
+        epochs_run=fitted.summary["epochs_run"],
+        image_threshold=calibration.image_threshold,
+        pixel_threshold=calibration.pixel_threshold,
+        metrics=metrics,
+        promoted=gate.promote,
+        promotion=promotion.format_comparison(gate) if not gate.promote else gate.reason,
+    )
 
 
 _PERMANENT_OS_ERRORS = (
@@ -309,7 +350,7 @@ def describe_error(exc: BaseException) -> str:
     return storage.redact(" ".join(text.split()))
 
 
-def train_line(task: LineTask, progress: Any | None = None) -> dict[str, Any]:
+def train_line(task: LineTask, progress: Any | None = None) -> LineResult:
     """Train, calibrate, evaluate and publish one product line; never raises.
 
     Runs as a Ray task (see run_train_job) but is a plain function, so it can also be called
@@ -317,7 +358,6 @@ def train_line(task: LineTask, progress: Any | None = None) -> dict[str, Any]:
     """
     torch.set_num_threads(task.threads)
     reporter = TaskReporter(progress, task.row.product_line)
-    base = {"product_line": task.row.product_line, "line": task.row.line}
     t0 = time.perf_counter()
     attempt = 0
     while True:
@@ -339,18 +379,8 @@ def train_line(task: LineTask, progress: Any | None = None) -> dict[str, Any]:
                 message,
                 exc_info=not isinstance(exc, _DATA_ERRORS),
             )
-            return {
-                **base,
-                "status": ERROR,
-                "error": message,
-                "attempts": attempt,
-                "wall_seconds": round(time.perf_counter() - t0, 2),
-            }
-        return {
-            **base,
-            **result,
-            "status": OK,
-            "error": None,
-            "attempts": attempt,
-            "wall_seconds": round(time.perf_counter() - t0, 2),
-        }
+            return LineResult(
+                task.row.product_line, task.row.line, ERROR, message, attempt,
+                round(time.perf_counter() - t0, 2),
+            )  # fmt: skip
+        return replace(result, attempts=attempt, wall_seconds=round(time.perf_counter() - t0, 2))

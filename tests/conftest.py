@@ -6,6 +6,7 @@ Layout:
   2. S3 fixtures: ``s3_server`` (one moto server per session) and ``s3_bucket`` (fresh bucket
      per test).
   3. Ray fixture: ``ray_session`` (one local Ray instance per session).
+  4. ``lease_race``: many runs racing for one date's run lease (local files and S3 alike).
 
 Add new fixtures in the section they belong to, with a docstring saying what they guarantee.
 """
@@ -161,3 +162,41 @@ def ray_session(s3_server: S3Server) -> Iterator[Any]:
         yield ctx
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Run-lease race
+
+
+def _lease_race(output: str, date: str, runs: int, timeout_s: float) -> tuple[list, list[str]]:
+    """``runs`` threads acquire ``output``'s lease for ``date`` at once (a barrier releases
+    them together); returns (the leases that were won, the LeaseHeld messages of the rest)."""
+    import threading
+
+    from pipeline.run_lease import LeaseHeld, RunLease
+
+    barrier = threading.Barrier(runs)
+    winners: list[RunLease] = []
+    refused: list[str] = []
+
+    def contend(i: int) -> None:
+        lease = RunLease(output, date, f"run-{i}")
+        barrier.wait()
+        try:
+            lease.acquire()
+            winners.append(lease)
+        except LeaseHeld as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    return winners, refused
+
+
+@pytest.fixture
+def lease_race() -> Any:
+    """``lease_race(output, date, runs, timeout_s)`` -> (won leases, LeaseHeld messages)."""
+    return _lease_race

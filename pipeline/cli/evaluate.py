@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from dfr_core.artifact import ArtifactError, model_config_of
+from dfr_core.artifact import ArtifactError
 from dfr_core.backbones import WeightsNotFoundError
 from dfr_core.device import pick_device
 from pipeline import evaluation
@@ -61,7 +61,7 @@ def evaluate(
         version = version or evaluation.line_has_model(models_uri, product_line, options)
         samples = evaluation.list_eval_samples(data_uri, product_line, options)
         loaded = evaluation.load_version(models_uri, product_line, version, cache_dir, options)
-        geometry = model_config_of(loaded.metadata)
+        geometry = loaded.metadata.model_config
         lset = evaluation.load_eval_set(samples, geometry, options)
         metrics = evaluation.evaluate_model(
             loaded.model, loaded.calibration, lset, pick_device(), curves=False

@@ -55,21 +55,21 @@ def format_results(result: TrainJobResult) -> str:
     """The final table, then one line per failed product line with its error."""
     rows = []
     for r in result.results:
-        metrics = r.get("metrics") or {}
+        metrics = r.metrics
         rows.append(
             (
-                r["product_line"], r["status"], r.get("train_images"), r.get("latent_dim"),
-                r.get("image_threshold"), r.get("pixel_threshold"), metrics.get("image_auroc"),
-                metrics.get("pixel_auroc"), metrics.get("pro"), r.get("wall_seconds"),
-                r.get("version"),
+                r.product_line, r.status, r.train_images, r.latent_dim,
+                r.image_threshold, r.pixel_threshold, metrics.get("image_auroc"),
+                metrics.get("pixel_auroc"), metrics.get("pro"), r.wall_seconds,
+                r.version,
             )
         )  # fmt: skip
     text = render_table(RESULT_HEADERS, rows)
-    errors = [f"FAILED {r['product_line']}: {r['error']}" for r in result.results if r["error"]]
+    errors = [f"FAILED {r.product_line}: {r.error}" for r in result.results if r.error]
     held = [
-        f"NOT PROMOTED {r['product_line']} {r['version']}: {r['promotion']}"
+        f"NOT PROMOTED {r.product_line} {r.version}: {r.promotion}"
         for r in result.results
-        if r["status"] == OK and r.get("promoted") is False
+        if r.status == OK and r.promoted is False
     ]
     return "\n".join([text, *errors, *held])
 
@@ -223,5 +223,5 @@ def train(
         sys.exit(EXIT_BAD_INPUT)
     click.echo(format_results(result))
     click.echo(f"models: {models_uri}")
-    if any(r["status"] != OK for r in result.results):
+    if result.failed:
         sys.exit(EXIT_FAILED)

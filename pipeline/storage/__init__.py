@@ -26,6 +26,7 @@ from pipeline.storage.filesystems import (
     S3_RETRY_CONFIG,
     StorageOptions,
     canonical_uri,
+    cell_uri,
     get_fs,
     pyarrow_fs,
 )
@@ -43,17 +44,27 @@ from pipeline.storage.io import (
     write_text_atomic,
 )
 from pipeline.storage.redaction import redact
-from pipeline.storage.uri import IMAGE_SUFFIXES, join_uri, safe_component
+from pipeline.storage.uri import (
+    IMAGE_SUFFIXES,
+    folder_of,
+    is_absolute_uri,
+    join_uri,
+    resolve_relative,
+    safe_component,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "S3_RETRY_CONFIG",
     "StorageOptions",
     "canonical_uri",
+    "cell_uri",
     "copy_to_local",
     "create_exclusive",
     "exists",
+    "folder_of",
     "get_fs",
+    "is_absolute_uri",
     "join_uri",
     "list_files",
     "makedirs",
@@ -63,6 +74,7 @@ __all__ = [
     "redact",
     "remove_empty_dir",
     "remove_tree",
+    "resolve_relative",
     "safe_component",
     "write_bytes_atomic",
     "write_text_atomic",

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage.uri import _split
+from pipeline.storage.uri import _split, is_absolute_uri, resolve_relative
 
 #: Retry policy for every S3 client. Adaptive mode adds client-side rate limiting, which is what
 #: many concurrent Ray workers hitting one prefix need when S3 starts answering SlowDown.
@@ -178,6 +178,22 @@ def pyarrow_fs(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
     opts = _resolve(options)
     region = _region_from_env()
     return _cached(("pyarrow", "s3", opts, region), lambda: _make_pa_s3(opts, region)), path
+
+
+def cell_uri(value: str, base_dir: str | None, options: StorageOptions | None, source: str) -> str:
+    """An absolute, supported URI for a table cell (a manifest's, a feedback table's).
+
+    A relative path follows the one relative-URI rule (uri.resolve_relative) against the
+    table's folder, ``base_dir``; a remote table (``base_dir`` None) has no folder a worker
+    could read relative paths from, so there it is an error. Unsupported schemes and
+    bucket-less S3 URIs are refused here too (get_fs).
+    """
+    if not is_absolute_uri(value):
+        if base_dir is None:
+            raise ValueError(f"relative path {value!r} in a remote {source}: use an absolute URI")
+        value = resolve_relative(value, base_dir)
+    get_fs(value, options)
+    return value
 
 
 def canonical_uri(uri: str, options: StorageOptions | None = None) -> str:

@@ -1,12 +1,15 @@
 """URI parsing and path safety: which backend a URI names, and keys data cannot escape.
 
 Object keys built from data (product lines, image ids) go through :func:`safe_component` so a
-crafted id cannot escape the output prefix (``..``, ``/``, ``%2F``, backslashes, ...).
+crafted id cannot escape the output prefix (``..``, ``/``, ``%2F``, backslashes, ...). Relative
+entries of list files, listings, manifests and feedback tables follow one rule,
+:func:`resolve_relative`.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -65,6 +68,39 @@ def safe_component(name: str, what: str = "name") -> str:
     if not _SAFE_COMPONENT_RE.fullmatch(name):
         raise ValueError(f"unsafe {what} {name!r}: only letters, digits, '.', '_' and '-' allowed")
     return name
+
+
+def is_absolute_uri(entry: str) -> bool:
+    """A URI with a scheme, or an absolute local path (``~`` meaning the home folder)."""
+    return "://" in entry or os.path.isabs(os.path.expanduser(entry))
+
+
+def folder_of(uri: str) -> str:
+    """The folder a file lies in: what its relative entries are relative to (a local folder is
+    made absolute, so the result does not depend on a worker's working directory)."""
+    if "://" in uri:
+        return posixpath.dirname(uri.rstrip("/"))
+    return os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
+
+
+def resolve_relative(entry: str, folder: str, what: str = "relative path") -> str:
+    """THE relative-URI rule: an absolute entry stays as it is; a relative one names a file
+    below ``folder`` (a list file's, listing's, manifest's or feedback table's own folder).
+
+    ``\\`` counts as a separator, empty and ``.`` components are dropped, and ``..`` is a
+    ValueError (named ``what``) rather than a way out of that folder: a table that someone
+    else wrote must not make a job read elsewhere than where the table lies.
+    """
+    if is_absolute_uri(entry):
+        return entry
+    parts = [p for p in entry.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(
+            f"unsafe {what} {entry!r}: relative path references ('..') are not allowed"
+        )
+    if not parts:
+        return folder
+    return folder.rstrip("/") + "/" + "/".join(parts)
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -140,16 +140,16 @@ def test_demo_steps(ray_session: object, tmp_path: Path, recwarn: pytest.Warning
         cpus_per_task=0.5,
     )
     result = run_demo(config)
-    assert [r["status"] for r in result.train.results] == ["ok", "ok"]
+    assert [r.status for r in result.train.results] == ["ok", "ok"]
     assert result.manifest.read_text().splitlines() == [
         "product_line,train_uri,test_uri",
         "metal_plate,data/metal_plate/train/good,data/metal_plate",
         "ceramic_tile,data/ceramic_tile/train/good,data/ceramic_tile",
     ]
     for r in result.train.results:
-        assert set(r["metrics"]) >= {"image_auroc", "pixel_auroc", "pro", "f1", "iou"}
-        assert r["metrics"]["n_images"] == 5
-        assert registry.latest_version(result.models_uri, r["product_line"]) == r["version"]
+        assert set(r.metrics) >= {"image_auroc", "pixel_auroc", "pro", "f1", "iou"}
+        assert r.metrics["n_images"] == 5
+        assert registry.latest_version(result.models_uri, r.product_line) == r.version
     assert f"models:    {result.models_uri}" in result.describe()
     # a small run's actor pool fits its blocks: no "minimum number of concurrent actors" warning
     noise = [str(w.message) for w in recwarn if "concurrent actors" in str(w.message)]

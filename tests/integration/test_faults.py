@@ -401,14 +401,14 @@ def test_training_faults_fail_alone(ray_session: Any, s3_bucket: str, tmp_path: 
     killer.join(WAIT_S)
 
     assert len(killed) == 1
-    by_line = {r["product_line"]: r for r in result.results}
-    assert by_line["fine"]["status"] == OK
-    assert by_line["corrupt"]["status"] == ERROR
-    assert by_line["corrupt"]["error"].startswith(
+    by_line = {r.product_line: r for r in result.results}
+    assert by_line["fine"].status == OK
+    assert by_line["corrupt"].status == ERROR
+    assert by_line["corrupt"].error.startswith(
         f"only 0 of 6 images in train_uri {s3_bucket}/data/corrupt could be decoded"
     )
-    assert by_line["victim"]["status"] == ERROR
-    assert "Worker" in by_line["victim"]["error"] and "died" in by_line["victim"]["error"]
+    assert by_line["victim"].status == ERROR
+    assert "Worker" in by_line["victim"].error and "died" in by_line["victim"].error
     assert registry.list_product_lines(models) == ["fine"]
     for line in ("corrupt", "victim"):
         assert registry.latest_version(models, line) is None

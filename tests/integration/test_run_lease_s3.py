@@ -6,13 +6,12 @@ AWS S3 does since 2024; s3fs sends it for ``pipe_file(mode="create")``. No Ray n
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from pipeline import storage
-from pipeline.run_lease import LeaseHeld, LeaseLost, RunLease
+from pipeline.run_lease import LeaseLost, RunLease
 
 pytestmark = pytest.mark.integration
 
@@ -26,26 +25,9 @@ def test_create_exclusive_on_s3(s3_bucket):
     assert storage.read_bytes(uri) == b"first"
 
 
-def test_racing_runs_on_s3_exactly_one_wins(s3_bucket):
+def test_racing_runs_on_s3_exactly_one_wins(s3_bucket, lease_race):
     output = f"{s3_bucket}/out"
-    barrier = threading.Barrier(6)
-    winners: list[RunLease] = []
-    refused: list[str] = []
-
-    def contend(i: int) -> None:
-        lease = RunLease(output, DATE, f"run-{i}")
-        barrier.wait()
-        try:
-            lease.acquire()
-            winners.append(lease)
-        except LeaseHeld as exc:
-            refused.append(str(exc))
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    winners, refused = lease_race(output, DATE, 6, 60)
     assert len(winners) == 1 and len(refused) == 5
     winners[0].check()
     winners[0].release()

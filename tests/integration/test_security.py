@@ -254,7 +254,7 @@ def test_no_secret_in_any_output_and_writes_confined(
         ),
         echo=logging.getLogger("pipeline.test").info,
     )
-    assert [r["status"] for r in trained.results] == [OK, ERROR]
+    assert [r.status for r in trained.results] == [OK, ERROR]
 
     for i in range(5):
         put(f"{s3_bucket}/in/score/{LINE}/{i}.png", _png(render_normal(LINE, 50 + i, SIZE)))

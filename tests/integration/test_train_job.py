@@ -95,21 +95,21 @@ def test_two_lines_into_s3_and_loaded_back(
 
     result = run_train_job(job(manifest, models), echo=lines.append)
 
-    assert [r["status"] for r in result.results] == [OK, OK], result.results
+    assert [r.status for r in result.results] == [OK, OK], result.results
     metal_r, tile_r = result.results
     # Disjoint early-stopping and calibration slices (issue 10): 10 good images -> 8 train,
     # 1 early-stops, 1 calibrates; with a val_uri, 1 of 8 early-stops and val_uri's 2 calibrate.
-    assert (metal_r["train_images"], metal_r["held_out_images"], metal_r["skipped_images"]) == (
+    assert (metal_r.train_images, metal_r.held_out_images, metal_r.skipped_images) == (
         8,
         2,
         1,
     )
-    assert (tile_r["train_images"], tile_r["held_out_images"], tile_r["skipped_images"]) == (
+    assert (tile_r.train_images, tile_r.held_out_images, tile_r.skipped_images) == (
         7,
         3,
         0,
     )
-    assert tile_r["metrics"] == {}
+    assert tile_r.metrics == {}
     for name in ("metal_plate", "ceramic_tile"):
         assert any(line.startswith(name) and "epoch 2/2" in line for line in lines), lines
     assert registry.list_product_lines(models) == ["ceramic_tile", "metal_plate"]
@@ -117,33 +117,33 @@ def test_two_lines_into_s3_and_loaded_back(
 
     cache = tmp_path / "cache"
     for r, row_line, name in ((metal_r, 2, "metal_plate"), (tile_r, 3, "ceramic_tile")):
-        assert registry.list_versions(models, name) == [r["version"]]
-        assert registry.latest_version(models, name) == r["version"]
-        loaded = load_model(registry.fetch(models, name, r["version"], cache))
-        extra = loaded.metadata["extra"]
+        assert registry.list_versions(models, name) == [r.version]
+        assert registry.latest_version(models, name) == r.version
+        loaded = load_model(registry.fetch(models, name, r.version, cache))
+        extra = loaded.metadata.extra
         assert extra["product_line"] == name
-        assert extra["version"] == r["version"]
+        assert extra["version"] == r.version
         assert extra["manifest_row"]["line"] == row_line
-        assert extra["train_image_count"] == r["train_images"]
+        assert extra["train_image_count"] == r.train_images
         assert extra["device"] == "cpu"
         assert extra["node_id"] == node_id
         assert extra["weights_uri"] is None
-        assert loaded.metadata["training"]["epochs_run"] == 2
-        assert loaded.calibration.image_threshold == r["image_threshold"]
+        assert loaded.metadata.training.epochs_run == 2
+        assert loaded.calibration.image_threshold == r.image_threshold
 
     # The stored thresholds are reproduced by the loaded model on the same held-out images.
-    tile = load_model(registry.fetch(models, "ceramic_tile", tile_r["version"], cache))
+    tile = load_model(registry.fetch(models, "ceramic_tile", tile_r.version, cache))
     val = load_images(resolve_images(f"{s3_bucket}/data/tile/val"), SIZE).images
     again = calibrate(tile.model, val, CalibrationConfig())
     assert again.image_threshold == pytest.approx(tile.calibration.image_threshold, rel=1e-5)
     assert again.pixel_threshold == pytest.approx(tile.calibration.pixel_threshold, rel=1e-5)
 
     # Stored metrics are those of the loaded model on the labelled set.
-    metal_model = load_model(registry.fetch(models, "metal_plate", metal_r["version"], cache))
+    metal_model = load_model(registry.fetch(models, "metal_plate", metal_r.version, cache))
     test = load_labelled_set(metal, SIZE)
     assert len(test.images) == 6 and int(test.labels.sum()) == 3
     ev = evaluate(metal_model.model, test.images, test.masks, test.labels, metal_model.calibration)
-    stored = metal_model.metadata["metrics"]
+    stored = metal_model.metadata.metrics.fields
     assert stored["n_images"] == 6 and stored["skipped_images"] == 0
     for key in ("image_auroc", "pixel_auroc", "pro", "f1", "iou"):
         assert stored[key] == pytest.approx(getattr(ev, key), abs=1e-6)
@@ -172,16 +172,16 @@ def test_failing_lines_do_not_stop_the_others(
 
     result = run_train_job(job(manifest, models), echo=lambda text: None)
 
-    by_line = {r["product_line"]: r for r in result.results}
-    assert [r["product_line"] for r in result.failed] == ["all_corrupt", "mostly_corrupt"]
-    assert by_line["fine"]["status"] == OK
-    assert by_line["all_corrupt"]["status"] == ERROR
-    assert by_line["all_corrupt"]["attempts"] == 1  # data errors are not retried
-    assert by_line["all_corrupt"]["error"].startswith(
+    by_line = {r.product_line: r for r in result.results}
+    assert [r.product_line for r in result.failed] == ["all_corrupt", "mostly_corrupt"]
+    assert by_line["fine"].status == OK
+    assert by_line["all_corrupt"].status == ERROR
+    assert by_line["all_corrupt"].attempts == 1  # data errors are not retried
+    assert by_line["all_corrupt"].error.startswith(
         f"only 0 of 5 images in train_uri {s3_bucket}/corrupt could be decoded, at least 4 "
         f"needed (e.g. {s3_bucket}/corrupt/0.png: not_an_image;"
     )
-    assert by_line["mostly_corrupt"]["error"].startswith(
+    assert by_line["mostly_corrupt"].error.startswith(
         f"3 of 9 images in train_uri {s3_bucket}/mostly are unreadable, more than the 25% tolerated"
     )
     assert registry.list_product_lines(models) == ["fine"]
@@ -267,21 +267,21 @@ def test_transient_errors_are_retried_and_data_errors_are_not(
     monkeypatch.setattr(train_task, "_train_once", flaky)
     train = str(synthetic / "metal_plate" / "train" / "good")
     result = train_line(_task(tmp_path, train))
-    assert (result["status"], result["attempts"], len(calls)) == (OK, 2, 2)
-    assert registry.latest_version(str(tmp_path / "models"), "p") == result["version"]
+    assert (result.status, result.attempts, len(calls)) == (OK, 2, 2)
+    assert registry.latest_version(str(tmp_path / "models"), "p") == result.version
 
     monkeypatch.undo()
     result = train_line(_task(tmp_path, str(tmp_path / "absent")))
-    assert (result["status"], result["attempts"]) == (ERROR, 1)
-    assert result["error"].startswith("FileNotFoundError: no such file or prefix")
+    assert (result.status, result.attempts) == (ERROR, 1)
+    assert result.error.startswith("FileNotFoundError: no such file or prefix")
 
     def always_down(task: LineTask, reporter: object) -> dict:
         raise TimeoutError("read timed out")
 
     monkeypatch.setattr(train_task, "_train_once", always_down)
     result = train_line(_task(tmp_path, train, retries=3))
-    assert (result["status"], result["attempts"]) == (ERROR, 4)
-    assert result["error"] == "TimeoutError: read timed out"
+    assert (result.status, result.attempts) == (ERROR, 4)
+    assert result.error == "TimeoutError: read timed out"
 
 
 def test_is_transient() -> None:

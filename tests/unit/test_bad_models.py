@@ -24,12 +24,8 @@ from dfr_core.artifact import (
     HEAD_FILE,
     ArtifactError,
     load_model,
-    save_model,
     sha256_bytes,
 )
-from dfr_core.calibrate import Calibration
-from dfr_core.config import ModelConfig
-from dfr_core.model import DFRHead, DFRModel, build_extractor
 from pipeline import registry, storage
 from pipeline.score_job import ScoreJobConfig, resolve_model
 from pipeline.storage import StorageOptions
@@ -49,22 +45,9 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifact(tmp_path_factory: pytest.TempPathFactory, make_artifact) -> Path:
     """A real (untrained, calibrated) model directory, as train_job would publish it."""
-    config = ModelConfig(image_size=64)
-    extractor = build_extractor(config)
-    torch.manual_seed(0)
-    head = DFRHead(config, extractor.channels, 8)
-    directory = tmp_path_factory.mktemp("artifact")
-    save_model(DFRModel(extractor, head), directory, Calibration(1.5, 2.5, 0.005, 0.01, 3))
-    return directory
-
-
-@pytest.fixture(params=["local", "s3"])
-def models_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return f"{request.getfixturevalue('s3_bucket')}/registry"
+    return make_artifact(tmp_path_factory.mktemp("artifact"))
 
 
 def _published(artifact: Path, models_uri: str) -> tuple[str, str]:

@@ -137,3 +137,17 @@ def test_prefix_listing_lines_hidden_files_and_product_filter(tmp_path):
 def test_is_listing_file():
     assert is_listing_file("s3://b/x.parquet") and is_listing_file("/x/L.CSV")
     assert not is_listing_file("s3://b/archive/") and not is_listing_file("/x/img.png")
+
+
+def test_a_relative_entry_climbing_out_of_the_listing_folder_is_a_bad_uri_row(tmp_path):
+    """One relative-URI rule (storage.resolve_relative) for listings, list files, manifests and
+    feedback tables: ``..`` is refused; in a listing that makes one error row, not a failure."""
+    (tmp_path / "listing.csv").write_text(
+        "image_uri,product_line\nimgs/./a.png,p\n../secret.png,p\nimgs/../../b.png,p\n"
+    )
+    rows = load_listing(str(tmp_path / "listing.csv"), shard_size=10).table.to_pylist()
+    by_uri = {r["image_uri"]: r for r in rows}
+    assert by_uri[str(tmp_path / "imgs" / "a.png")]["status"] == "ok"
+    for entry in ("../secret.png", "imgs/../../b.png"):
+        assert by_uri[entry]["error_reason"] == "bad_uri"
+        assert "relative path references ('..') are not allowed" in by_uri[entry]["error"]

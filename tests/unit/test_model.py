@@ -80,7 +80,7 @@ def test_artifact_round_trip_gives_identical_maps(trained, tmp_path):
     save_model(result.model, tmp_path, cal, training=result.summary, extra={"product": "x"})
     loaded = load_model(tmp_path, extractor=result.model.extractor)
     assert loaded.calibration == cal
-    assert loaded.metadata["extra"] == {"product": "x"}
+    assert loaded.metadata.extra == {"product": "x"}
     images = _images(3, 9)
     before = compute_maps(result.model, images)
     after = compute_maps(loaded.model, images)

@@ -5,12 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from dfr_core.artifact import save_model
-from dfr_core.calibrate import Calibration
-from dfr_core.config import ModelConfig
-from dfr_core.model import DFRHead, DFRModel, build_extractor
 from pipeline import promotion, registry
 from pipeline.cli.models import describe, why_latest
 from pipeline.promotion import Basis, GateResult, compare
@@ -38,21 +33,8 @@ def test_only_metrics_both_versions_have_are_gated() -> None:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = ModelConfig(image_size=64)
-    extractor = build_extractor(config)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("artifact")
-    save_model(DFRModel(extractor, DFRHead(config, extractor.channels, 8)), directory,
-               Calibration(1.5, 2.5, 0.005, 0.01, 3))  # fmt: skip
-    return directory
-
-
-@pytest.fixture(params=["local", "s3"])
-def models_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return f"{request.getfixturevalue('s3_bucket')}/registry"
+def artifact(tmp_path_factory: pytest.TempPathFactory, make_artifact) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact"))
 
 
 def test_held_versions_are_published_not_latest_and_promote_overrides(artifact, models_uri):

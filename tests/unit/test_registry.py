@@ -17,11 +17,8 @@ from dfr_core.artifact import (
     ArtifactError,
     load_head,
     load_model,
-    save_model,
 )
 from dfr_core.calibrate import Calibration
-from dfr_core.config import ModelConfig
-from dfr_core.model import DFRHead, DFRModel, build_extractor
 from pipeline import registry, storage
 from pipeline.registry import (
     LATEST,
@@ -37,24 +34,9 @@ from pipeline.registry import (
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifact(tmp_path_factory: pytest.TempPathFactory, make_artifact) -> Path:
     """A real (untrained) model directory: head.pt + model.json with checksums."""
-    config = ModelConfig(image_size=64)
-    extractor = build_extractor(config)
-    torch.manual_seed(0)
-    head = DFRHead(config, extractor.channels, 8)
-    directory = tmp_path_factory.mktemp("artifact")
-    calibration = Calibration(1.5, 2.5, 0.005, 0.01, 3)
-    save_model(DFRModel(extractor, head), directory, calibration, extra={"product_line": "metal"})
-    return directory
-
-
-@pytest.fixture(params=["local", "s3"])
-def models_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"{bucket}/registry"
+    return make_artifact(tmp_path_factory.mktemp("artifact"), extra={"product_line": "metal"})
 
 
 def test_new_version_is_sortable_and_safe() -> None:
@@ -91,7 +73,7 @@ def test_publish_fetch_round_trip(artifact: Path, models_uri: str, tmp_path: Pat
     assert (local / HEAD_FILE).read_bytes() == (artifact / HEAD_FILE).read_bytes()
     loaded = load_model(local)
     assert loaded.calibration == Calibration(1.5, 2.5, 0.005, 0.01, 3)
-    assert loaded.metadata["extra"] == {"product_line": "metal"}
+    assert loaded.metadata.extra == {"product_line": "metal"}
     reference = load_head(artifact)
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.model.head.state_dict()[key], value)
@@ -200,13 +182,13 @@ def test_corrupt_latest_is_an_error(artifact: Path, tmp_path: Path) -> None:
 
 
 def test_resolve_weights(s3_bucket: str, tmp_path: Path) -> None:
-    assert resolve_weights({"extra": {"weights_uri": None}}, tmp_path) is None
-    assert resolve_weights({}, tmp_path) is None
+    assert resolve_weights(None, tmp_path) is None
+    assert resolve_weights("", tmp_path) is None
     local = tmp_path / "w.pth"
     local.write_bytes(b"weights")
-    assert resolve_weights({"extra": {"weights_uri": str(local)}}, tmp_path) == str(local)
+    assert resolve_weights(str(local), tmp_path) == str(local)
     storage.write_bytes_atomic(f"{s3_bucket}/w/backbone.pth", b"remote weights")
-    path = resolve_weights({"extra": {"weights_uri": f"{s3_bucket}/w/backbone.pth"}}, tmp_path)
+    path = resolve_weights(f"{s3_bucket}/w/backbone.pth", tmp_path)
     assert Path(path).read_bytes() == b"remote weights"
     assert Path(path).name == "backbone.pth"
 
@@ -240,3 +222,20 @@ def test_publisher_killed_mid_copy_leaves_no_debris_after_the_next_publish(
     assert sorted(p.name for p in (models / "metal").iterdir()) == sorted(
         [version, "LATEST", live.name]
     )
+
+
+def test_models_list_shows_a_version_it_cannot_read(artifact: Path, tmp_path: Path) -> None:
+    """A version written by a newer release is listed by name (its fields empty), and the
+    readable versions beside it keep their summaries."""
+    models = str(tmp_path / "models")
+    good = publish(artifact, models, "metal")
+    newer = publish(artifact, models, "metal")
+    path = tmp_path / "models" / "metal" / newer / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 99
+    path.write_text(json.dumps(meta))
+    rows = {r["version"]: r for r in registry.describe(models)}
+    assert rows[good]["backbone"] == "mobilenet_v2" and rows[good]["image_threshold"] == 2.5
+    assert rows[good]["image_size"] == 64 and rows[good]["latent_dim"] == 8
+    assert rows[newer]["latest"] and rows[newer]["backbone"] is None
+    assert rows[newer]["metrics"] == {}

@@ -9,6 +9,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from dfr_core.config import ModelConfig
 from pipeline.output_layout import encode_heatmap_png
 from pipeline.report.images import _thumbnail, shrink_heatmap
 from pipeline.report.models import geometry_text
@@ -53,7 +54,7 @@ def test_no_reduction_needed_is_a_plain_resize():
 
 
 def test_geometry_text():
-    assert geometry_text({"image_size": 256}) == "256"
-    assert geometry_text({"image_size": [256, 640], "tile": None}) == "256x640"
-    tiled = {"image_size": 256, "tile": 256, "tile_overlap": 32, "tile_scale": 1.0, "max_tiles": 64}
+    assert geometry_text(ModelConfig(image_size=256)) == "256"
+    assert geometry_text(ModelConfig(image_size=(256, 640))) == "256x640"
+    tiled = ModelConfig(tile=256, tile_overlap=32)
     assert geometry_text(tiled) == "256 px tiles, overlap 32, scale 1, at most 64 tiles"

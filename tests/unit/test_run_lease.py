@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -86,26 +85,9 @@ def test_second_run_is_refused_with_the_holder_named(tmp_path):
     RunLease(output, "2024-05-02", "run-c").acquire()  # other dates are independent
 
 
-def test_many_racing_runs_exactly_one_wins(tmp_path):
+def test_many_racing_runs_exactly_one_wins(tmp_path, lease_race):
     output = str(tmp_path / "out")
-    barrier = threading.Barrier(8)
-    winners: list[RunLease] = []
-    refused: list[str] = []
-
-    def contend(i: int) -> None:
-        lease = RunLease(output, DATE, f"run-{i}")
-        barrier.wait()
-        try:
-            lease.acquire()
-            winners.append(lease)
-        except LeaseHeld as exc:
-            refused.append(str(exc))
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    winners, refused = lease_race(output, DATE, 8, 30)
     assert len(winners) == 1 and len(refused) == 7
     winners[0].release()
 
