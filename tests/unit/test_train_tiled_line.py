@@ -61,12 +61,12 @@ def test_tiled_line_trains_evaluates_and_publishes(tmp_path):
         threads=1,
     )
     result = train_line(task)
-    assert result["status"] == "ok", result["error"]
-    assert result["skipped_images"] == 1  # the 20 x 20 image: too_small
-    metrics = result["metrics"]
+    assert result.status == "ok", result.error
+    assert result.skipped_images == 1  # the 20 x 20 image: too_small
+    metrics = result.metrics
     assert metrics["pixels_at"] == "original resolution" and metrics["n_images"] == 4
     assert metrics["pixel_auroc"] is not None and metrics["image_auroc"] is not None
-    directory = registry.fetch(task.models_uri, "p", result["version"], str(tmp_path / "c2"))
+    directory = registry.fetch(task.models_uri, "p", result.version, str(tmp_path / "c2"))
     loaded = load_model(directory)
     assert loaded.model.config == model and loaded.calibration is not None
     out = loaded.model.predict_images([_part(40)])[0]
