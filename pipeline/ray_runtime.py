@@ -34,6 +34,12 @@ ADDRESS_HELP = (
     "ray://host:10001; omitted: a private local Ray for this command."
 )
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+#: ``ray.init`` gives a new local raylet a fixed 30 s to register with its GCS
+#: (ray/_private/node.py, not configurable); on a machine whose cores are all busy (a laptop
+#: running other work, a loaded CI box) that can run out. Only that failure is retried, and only
+#: for a Ray this call starts itself; joining a cluster fails at once.
+START_ATTEMPTS = 3
+STARTUP_TIMED_OUT = "timed out during startup"
 AUTO_ENABLED_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
@@ -68,8 +74,16 @@ def init_ray(address: str | None, **kwargs: Any) -> bool:
     quiet_default_auth_notice()
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
-    ray.init(address=address, **kwargs)
-    return True
+    local = address in (None, "local")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return True
+        except Exception as exc:  # Ray raises a bare Exception for its start-up deadline
+            if not local or attempt == START_ATTEMPTS or STARTUP_TIMED_OUT not in str(exc):
+                raise
+            ray.shutdown()  # whatever the failed start left connected
+    raise AssertionError("unreachable")
 
 
 def ensure_ray(address: str | None, **kwargs: Any) -> bool:

@@ -67,3 +67,39 @@ def test_train_and_score_share_one_address_option():
     assert helps["train"] == helps["score"] == ray_runtime.ADDRESS_HELP
     score_flags = {o for p in main.commands["score"].params for o in p.opts}
     assert "--s3-endpoint-url" in score_flags
+
+
+def _failing_init(failures: list[str], calls: list[dict]):
+    def init(**kwargs):
+        calls.append(kwargs)
+        if failures:
+            raise Exception(failures.pop(0))  # what Ray raises for its start-up deadline
+
+    return init
+
+
+def test_a_local_start_is_retried_only_on_rays_startup_deadline(monkeypatch):
+    import pytest
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    timed_out = "The current node timed out during startup. This could happen because ..."
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "init", _failing_init([timed_out, timed_out], calls))
+    assert ray_runtime.init_ray("local") and len(calls) == 3  # two deadlines, then up
+    calls.clear()
+    monkeypatch.setattr(ray, "init", _failing_init([timed_out] * 3, calls))
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_runtime.init_ray("local")
+    assert len(calls) == ray_runtime.START_ATTEMPTS
+    calls.clear()
+    monkeypatch.setattr(ray, "init", _failing_init(["some other failure"], calls))
+    with pytest.raises(Exception, match="some other failure"):
+        ray_runtime.init_ray("local")
+    assert len(calls) == 1  # anything else fails at once
+    calls.clear()
+    monkeypatch.setattr(ray, "init", _failing_init([timed_out], calls))
+    with pytest.raises(Exception, match="timed out"):
+        ray_runtime.init_ray("head:6379")
+    assert len(calls) == 1  # joining a cluster is never retried
