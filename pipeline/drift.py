@@ -35,6 +35,7 @@ import numpy as np
 from scipy import stats
 
 from pipeline.input_stats import STAT_NAMES
+from pipeline.row_errors import RowStatus
 
 #: Reasons a line is drifted (the ``reasons`` column, comma-separated).
 #: The score column the shift test reads: the image score the flag is decided on (the
@@ -194,7 +195,7 @@ def compute_drift(
     ``totals`` (ok rows, anomalous rows) of the whole night, when ``rows`` is a sample of it:
     the anomaly rate is then exact and the distribution tests use the sample.
     """
-    ok = np.asarray([s == "ok" for s in rows["status"]], dtype=bool)
+    ok = np.asarray([s == RowStatus.OK for s in rows["status"]], dtype=bool)
     n_ok = int(ok.sum())
     flags = [bool(a) for a, keep in zip(rows["is_anomaly"], ok, strict=True) if keep]
     n_anom = int(sum(flags))

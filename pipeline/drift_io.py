@@ -27,6 +27,7 @@ from dfr_core.artifact_meta import ArtifactError, ModelMetadata, read_model_meta
 from pipeline import outputs, registry, storage
 from pipeline.drift import SCORE_COLUMN, DriftConfig, DriftReference, LineDrift, compute_drift
 from pipeline.input_stats import STAT_NAMES, batch_stats, tiles_stats
+from pipeline.row_errors import RowStatus
 from pipeline.storage import StorageOptions
 
 if TYPE_CHECKING:  # the training-side helpers need torch; the scoring driver imports none
@@ -132,7 +133,7 @@ def rows_of_images(
     scores = compute_maps(model, images, device).score.numpy().tolist()
     inputs = batch_stats(images)
     return {
-        "status": ["ok"] * len(scores),
+        "status": [RowStatus.OK.value] * len(scores),
         SCORE_COLUMN: scores,
         "is_anomaly": [s > calibration.image_threshold for s in scores],
         **inputs,
@@ -179,7 +180,7 @@ def _read_rows(
         source = pq.ParquetFile(io.BytesIO(storage.read_bytes(f"{root}/{rel}", options)))
         names = set(source.schema_arrow.names)
         table = source.read(columns=[c for c in ["image_id", *ROW_COLUMNS] if c in names])
-        table = table.filter(pc.equal(table.column("status"), "ok"))
+        table = table.filter(pc.equal(table.column("status"), RowStatus.OK.value))
         n_ok += table.num_rows
         n_anom += int(pc.sum(pc.fill_null(table.column("is_anomaly"), False)).as_py() or 0)
         keys = _sample_keys(table.column("image_id").to_pylist())

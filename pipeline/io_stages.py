@@ -27,7 +27,7 @@ from dfr_core.geometry import GeometryError, TilePlan, plan_tiles, prepare_image
 from pipeline import storage
 from pipeline.input_stats import STAT_NAMES, tiles_stats
 from pipeline.listing_arrow import sparse_strings
-from pipeline.row_errors import mark_errors
+from pipeline.row_errors import ListingReason, ReadReason, RowStatus, mark_errors
 from pipeline.storage import StorageOptions
 
 #: Columns added by the stages, in order of appearance.
@@ -102,20 +102,20 @@ def _read_one(uri: str, config: ReadConfig) -> bytes | RowError:
     try:
         fs, path = storage.pyarrow_fs(uri, config.options)
     except ValueError as exc:
-        return RowError("bad_uri", str(exc))
+        return RowError(ListingReason.BAD_URI, str(exc))
     try:
         with fs.open_input_stream(path) as stream:
             data = _read_capped(stream, config.max_bytes + 1)
     except FileNotFoundError as exc:
-        return RowError("not_found", str(exc) or uri)
+        return RowError(ReadReason.NOT_FOUND, str(exc) or uri)
     except PermissionError as exc:
-        return RowError("access_denied", str(exc) or uri)
+        return RowError(ReadReason.ACCESS_DENIED, str(exc) or uri)
     except Exception as exc:  # any storage failure of this one object is this row's error
         text = f"{type(exc).__name__}: {exc}"
         denied = "ACCESS_DENIED" in text or "AccessDenied" in text
-        return RowError("access_denied" if denied else "read_error", text)
+        return RowError(ReadReason.ACCESS_DENIED if denied else ReadReason.READ_ERROR, text)
     if len(data) > config.max_bytes:
-        return RowError("file_too_large", f"larger than the {config.max_bytes} byte cap")
+        return RowError(ReadReason.FILE_TOO_LARGE, f"larger than the {config.max_bytes} byte cap")
     return data
 
 
@@ -123,7 +123,7 @@ def read_batch(batch: pa.Table, config: ReadConfig) -> pa.Table:
     """Add ``data`` (the object's bytes, no decoding); read failures become error rows."""
     uris = batch.column("image_uri").to_pylist()
     status = batch.column("status").to_pylist()
-    todo = [i for i, s in enumerate(status) if s == "ok"]
+    todo = [i for i, s in enumerate(status) if s == RowStatus.OK]
     data: list[bytes | None] = [None] * batch.num_rows
     failures: dict[int, RowError] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(config.threads, len(todo)))) as pool:
@@ -207,7 +207,7 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
     columns: dict[str, list[Any]] = {f.name: [None] * batch.num_rows for f in DECODE_COLUMNS}
     failures: dict[int, RowError] = {}
     for i in range(batch.num_rows):
-        if status[i] != "ok":
+        if status[i] != RowStatus.OK:
             continue
         try:
             prepared = prepare_one(data[i], config.geometry[lines[i]], config.max_pixels)
@@ -249,7 +249,7 @@ def prepared_rows(batch: pa.Table) -> dict[int, Prepared]:
     pixels = batch.column("pixels")
     out: dict[int, Prepared] = {}
     for i, state in enumerate(status):
-        if state != "ok":
+        if state != RowStatus.OK:
             continue
         n, th, tw = col["tiles"][i], col["tile_height"][i], col["tile_width"][i]
         tiles = np.frombuffer(pixels[i].as_buffer(), np.uint8).reshape(n, th, tw, 3)

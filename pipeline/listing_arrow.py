@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.row_errors import ListingReason
 
 
 def checked(value: str | None, what: str) -> str | None:
@@ -113,12 +114,12 @@ def row_problems(
     uris_py = filled.take(pa.array(rows, pa.int64())).to_pylist() if rows else []
     for k, i in enumerate(rows):
         if bad_line_py[k]:
-            reasons[i] = "bad_product_line"
+            reasons[i] = ListingReason.BAD_PRODUCT_LINE.value
             messages[i] = checked(lines_py[k], "product line")
         elif bad_uri_py[k]:
-            reasons[i], messages[i] = "bad_uri", _uri_problem(uris_py[k])
+            reasons[i], messages[i] = ListingReason.BAD_URI.value, _uri_problem(uris_py[k])
         else:
-            reasons[i] = "bad_image_id"
+            reasons[i] = ListingReason.BAD_IMAGE_ID.value
             messages[i] = checked(ids_py[k], "image id")
     reason_arr = sparse_strings(n, reasons)
     message_arr = sparse_strings(n, messages)

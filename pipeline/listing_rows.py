@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from pipeline import listing_arrow as la
+from pipeline.row_errors import ListingReason, RowStatus
 
 #: Partition value for rows whose product line cannot be used as a path component.
 INVALID_LINE = "_invalid"
@@ -141,7 +142,7 @@ class Finisher:
             ]
             mask = pa.array(duplicate)
             reason = pc.replace_with_mask(
-                reason, mask, pa.array(["duplicate_image_id"] * len(rows))
+                reason, mask, pa.array([ListingReason.DUPLICATE_IMAGE_ID.value] * len(rows))
             )
             message = pc.replace_with_mask(message, mask, pa.array(texts, pa.string()))
         if new_key.any():
@@ -150,7 +151,9 @@ class Finisher:
         self._ordinal = int(ordinal[-1]) + 1
         self._index(names, codes, shards)
 
-        status = pc.if_else(pc.is_null(reason), pa.scalar("ok"), pa.scalar("error"))
+        status = pc.if_else(
+            pc.is_null(reason), pa.scalar(RowStatus.OK.value), pa.scalar(RowStatus.ERROR.value)
+        )
         resolved = pa.table(
             {
                 "image_id": ids,

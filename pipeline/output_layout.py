@@ -28,6 +28,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import storage
+from pipeline.row_errors import ListingReason, ReadReason
 from pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -37,15 +38,8 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 #: Error reasons (``error_reason``), by the step that sets them; docs/scoring.md explains each.
-LISTING_REASONS: tuple[str, ...] = (
-    "bad_uri",
-    "bad_product_line",
-    "bad_image_id",
-    "duplicate_image_id",
-    "no_model",
-    "model_error",
-)
-READ_REASONS: tuple[str, ...] = ("not_found", "access_denied", "read_error", "file_too_large")
+LISTING_REASONS: tuple[str, ...] = tuple(reason.value for reason in ListingReason)
+READ_REASONS: tuple[str, ...] = tuple(reason.value for reason in ReadReason)
 DECODE_REASONS: tuple[str, ...] = (
     "empty_file",
     "not_an_image",

@@ -8,11 +8,43 @@ and "reason: message" (messages redacted by the caller, which knows where they c
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 ERROR_COLUMNS = ("status", "error_reason", "error")
-ERROR = "error"
+
+
+class RowStatus(StrEnum):
+    """A score row's ``status``."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+class ListingReason(StrEnum):
+    """``error_reason`` of rows that fail before any byte is read (listing, model lookup)."""
+
+    BAD_URI = "bad_uri"
+    BAD_PRODUCT_LINE = "bad_product_line"
+    BAD_IMAGE_ID = "bad_image_id"
+    DUPLICATE_IMAGE_ID = "duplicate_image_id"
+    NO_MODEL = "no_model"
+    MODEL_ERROR = "model_error"
+
+
+class ReadReason(StrEnum):
+    """``error_reason`` of rows whose bytes could not be read (the decoder's own reasons are
+    dfr_core.decode.DecodeReason, the input geometry's dfr_core.geometry.GeometryReason)."""
+
+    NOT_FOUND = "not_found"
+    ACCESS_DENIED = "access_denied"
+    READ_ERROR = "read_error"
+    FILE_TOO_LARGE = "file_too_large"
+
+
+ERROR = RowStatus.ERROR.value
 
 
 def mark_errors(

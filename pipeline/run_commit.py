@@ -32,6 +32,7 @@ from pipeline.output_layout import (
     shard_markers_root,
     staging_uri,
 )
+from pipeline.row_errors import RowStatus
 from pipeline.storage import StorageOptions
 
 RUN_FORMAT = "dfr-pipeline-run"
@@ -56,10 +57,10 @@ def shard_counts(table: pa.Table) -> dict[str, Any]:
         "read": sum(
             w is not None or r in DECODE_REASONS for w, r in zip(widths, reason_list, strict=True)
         ),
-        "ok": sum(s == "ok" for s in status),
+        "ok": sum(s == RowStatus.OK for s in status),
         "anomalous": sum(bool(a) for a in anomalous),
         "masks": sum(m is not None for m in masks),
-        "errors": sum(s != "ok" for s in status),
+        "errors": sum(s != RowStatus.OK for s in status),
         "error_reasons": dict(sorted(reasons.items())),
     }
 

@@ -25,7 +25,7 @@ from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing_rows import Listing
 from pipeline.ray_runtime import ensure_ray
 from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
-from pipeline.row_errors import mark_errors
+from pipeline.row_errors import RowStatus, mark_errors
 from pipeline.score_graph import build_dataset
 from pipeline.score_types import LineModel, RunInterrupted, ScoreJobConfig, ShardCountError
 from pipeline.scoring_config import ScoringConfig
@@ -51,7 +51,7 @@ def apply_model_errors(table: pa.Table, models: dict[str, LineModel]) -> pa.Tabl
     for line, model in sorted(models.items()):
         if model.error_reason is None:
             continue
-        ok = pc.equal(table.column("status"), "ok")
+        ok = pc.equal(table.column("status"), RowStatus.OK.value)
         hit = pc.and_(pc.equal(table.column("product_line"), line), ok)
         table = mark_errors(table, hit, pa.scalar(model.error_reason), pa.scalar(str(model.error)))
     return table

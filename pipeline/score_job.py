@@ -22,6 +22,7 @@ from pipeline import drift_io, outputs, registry, score_execute, storage
 from pipeline import listing as listing_mod
 from pipeline.drift import LineDrift
 from pipeline.listing import Listing
+from pipeline.row_errors import ListingReason
 from pipeline.run_lease import RunLease
 from pipeline.score_execute import (  # noqa: F401 - re-exported: callers use them from here
     MAX_BLOCK_ROWS,
@@ -126,10 +127,14 @@ def resolve_model(
     try:
         version = registry.latest_version(config.models_uri, line, options)
     except ValueError as exc:
-        return LineModel(line, None, None, "model_error", str(exc))
+        return LineModel(line, None, None, ListingReason.MODEL_ERROR, str(exc))
     if version is None:
         return LineModel(
-            line, None, None, "no_model", f"no model for product line {line!r} in the registry"
+            line,
+            None,
+            None,
+            ListingReason.NO_MODEL,
+            f"no model for product line {line!r} in the registry",
         )
     try:
         directory = registry.fetch(config.models_uri, line, version, config.cache_dir, options)
@@ -148,7 +153,7 @@ def resolve_model(
         geometry = meta.model_config  # image_size / tile ...: what the decode stage cuts
     except (ArtifactError, OSError, ValueError, KeyError) as exc:
         message = f"model {line}/{version}: {type(exc).__name__}: {exc}"
-        return LineModel(line, version, None, "model_error", storage.redact(message))
+        return LineModel(line, version, None, ListingReason.MODEL_ERROR, storage.redact(message))
     return LineModel(line, version, geometry)
 
 

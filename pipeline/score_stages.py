@@ -57,6 +57,7 @@ from pipeline.io_stages import (  # noqa: F401 - re-exported: the job and tests 
     prepared_rows,
     read_batch,
 )
+from pipeline.row_errors import ListingReason, RowStatus
 from pipeline.scoring_config import ScoringConfig  # noqa: F401 - re-exported for callers
 
 #: What the scoring stage emits: the score file columns plus the two the driver groups by.
@@ -298,7 +299,7 @@ class ScoringActor:
         for i in prepared:
             model = self._model(lines[i])
             if model is None:
-                failures[i] = RowError("model_error", self.failed[lines[i]])
+                failures[i] = RowError(ListingReason.MODEL_ERROR, self.failed[lines[i]])
             else:
                 groups.setdefault((model.extractor_key, model.precision), []).append(i)
         return groups, failures
@@ -343,7 +344,7 @@ class ScoringActor:
         chunks, failures = self._scored_chunks(batch, lines)
         cols: dict[str, list[Any]] = {name: [None] * n for name in RESULT_COLUMNS}
         arrived = batch.column("status").to_pylist()
-        cols["node_id"] = [self.node_id if s == "ok" else None for s in arrived]
+        cols["node_id"] = [self.node_id if s == RowStatus.OK else None for s in arrived]
         previous: list[Future] = []
         for scored in chunks:
             writes = []

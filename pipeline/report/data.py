@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-OK = "ok"
+from pipeline.row_errors import RowStatus
+
+OK = RowStatus.OK.value
 UNKNOWN_REASON = "unknown"
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _REASON_RE = re.compile(r"([a-z][a-z0-9_]*):")

@@ -155,3 +155,13 @@ def test_empty_output_reads_as_empty(tmp_path):
     df = outputs.read_scores(str(tmp_path / "nothing"))
     assert df.empty and list(df.columns) == outputs.READ_SCHEMA.names
     assert outputs.read_scores(str(tmp_path / "nothing"), committed_only=False).empty
+
+
+def test_status_and_reason_codes_are_one_enum_each():
+    """The documented reason lists are the enums the stages set (no second spelling)."""
+    from pipeline.output_layout import LISTING_REASONS, READ_REASONS
+    from pipeline.row_errors import ERROR, ListingReason, ReadReason, RowStatus
+
+    assert LISTING_REASONS == tuple(r.value for r in ListingReason)
+    assert READ_REASONS == tuple(r.value for r in ReadReason)
+    assert ERROR == RowStatus.ERROR == "error" and RowStatus.OK == "ok"
