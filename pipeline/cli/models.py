@@ -62,11 +62,18 @@ MODEL_HEADERS = (
 )  # fmt: skip
 
 
+def _size(size: Any) -> Any:
+    """A model's input size as the `--image-size` flag spells it: N, or HxW for non-square."""
+    if isinstance(size, list | tuple):
+        return f"{size[0]}x{size[1]}"
+    return size
+
+
 def _model_row(d: dict[str, Any]) -> tuple:
     m = d["metrics"]
     return (
         d["product_line"], d["version"], d["latest"], d["created_at"], d["backbone"],
-        d["image_size"], d["train_images"], d["image_threshold"], d["pixel_threshold"],
+        _size(d["image_size"]), d["train_images"], d["image_threshold"], d["pixel_threshold"],
         m.get("image_auroc"), m.get("pixel_auroc"), m.get("pro"), d.get("decision"),
     )  # fmt: skip
 

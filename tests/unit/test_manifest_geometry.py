@@ -76,3 +76,14 @@ def test_image_size_flag_accepts_hxw_and_rejects_bad_sizes(tmp_path):
     assert bad.exit_code != 0 and "tile_overlap must be >= 0 and < tile (64)" in bad.output
     ok = runner.invoke(main, [*base, "--image-size", "640x256", "--tile-scale", "0.5"])
     assert "manifest file not found" in ok.output  # flags accepted; the manifest is missing
+
+
+def test_models_list_spells_sizes_as_the_flag_does():
+    from pipeline.cli.models import _size
+
+    assert (_size(256), _size((640, 256)), _size([640, 256]), _size(None)) == (
+        256,
+        "640x256",
+        "640x256",
+        None,
+    )
