@@ -151,12 +151,15 @@ def ray_session(s3_server: S3Server) -> Iterator[Any]:
     """
     import ray
 
-    from pipeline.ray_runtime import init_ray
-
-    # init_ray: the product's start-up, which retries Ray's 30 s raylet deadline on a busy box
-    init_ray("local", num_cpus=2, logging_level=logging.WARNING, log_to_driver=True)
+    ctx = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
     try:
-        yield ray.get_runtime_context()
+        yield ctx
     finally:
         ray.shutdown()
 
