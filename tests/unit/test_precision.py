@@ -17,9 +17,11 @@ import torch
 from dfr_core.artifact import CONFIG_FILE, load_model, read_metadata, save_model
 from dfr_core.calibrate import calibrate, compute_maps
 from dfr_core.config import ModelConfig
+from dfr_core.geometry import prepare_image
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 from dfr_core.precision import Precision, PrecisionError, PrecisionSpec
 from pipeline import registry
+from pipeline.io_stages import Prepared
 from pipeline.score_stages import ScoringActor, ScoringConfig
 
 SIZE = 64
@@ -113,9 +115,10 @@ def test_scoring_actor_refuses_a_precision_from_another_device_kind(model, tmp_p
 def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path):
     actor = _actor(tmp_path, model, {"dtype": "bf16", "device_kind": "cpu"})
     images = _images(3, 5)
-    pixels = [img.tobytes() for img in images]
+    prepared = {i: Prepared(*prepare_image(ModelConfig(image_size=SIZE), img))
+                for i, img in enumerate(images)}  # fmt: skip
     assert actor._model(LINE) is not None
-    scored = actor._score_group([0, 1, 2], [LINE] * 3, pixels, SIZE, (
+    scored = actor._score_chunk([0, 1, 2], [LINE] * 3, prepared, (
         actor.lines[LINE].extractor_key, actor.lines[LINE].precision))  # fmt: skip
     expect = compute_maps(model, images, precision=PrecisionSpec(Precision.BF16, "cpu"))
     assert [scored[i].score for i in range(3)] == pytest.approx(expect.score.tolist(), abs=0)
