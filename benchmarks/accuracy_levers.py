@@ -147,7 +147,7 @@ def trained_head(args, root: Path, data: dict, superset, text: str, mcfg, tcfg, 
     path = Path(args.heads) / (key.replace("/", "_").replace(";", ",") + ".pt")
     bank = data["train"][: args.screen_train or None, idx].flatten(2)
     if path.exists():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         head = DFRHead(mcfg, bank.shape[1], saved["fit"]["latent_dim"])
         head.load_state_dict(saved["state"])
         print(f"<!-- head loaded from {path} (trained in {saved['train_s']:.0f} s) -->")
