@@ -173,7 +173,10 @@ def _refuse_by_header(data: bytes, geometry: ModelConfig, max_pixels: int) -> No
     image beyond ``max_tiles`` never allocates its pixels or tiles (the refusal does not depend
     on EXIF orientation, which the header size lacks: a transposed image needs as many tiles).
     An image over the pixel cap (or a header that cannot tell its size) is left to
-    decode_image, which names that."""
+    decode_image, which names that. Untiled models take any size (one resize): no header read,
+    so the common case opens each file once."""
+    if geometry.tile is None:
+        return
     hw = header_size(data)
     if hw is not None and hw[0] * hw[1] <= max_pixels:
         plan_tiles(geometry, *hw)
