@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.ray_runtime import START_ATTEMPTS, STARTUP_TIMED_OUT
+
 #: Per-node object store: small, so three nodes plus the suite's own Ray fit in /dev/shm.
 OBJECT_STORE_BYTES = 256 * 2**20
 START_TIMEOUT_S = 120.0
@@ -191,10 +193,7 @@ class LocalCluster:
         node.process.wait(timeout=STOP_TIMEOUT_S)
 
 
-#: ``ray start`` gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py,
-#: not configurable); on a machine whose cores are all busy that can run out.
-START_ATTEMPTS = 3
-_STARTUP_TIMED_OUT = "timed out during startup"
+# ``ray start`` has the same fixed 30 s raylet deadline as ray.init: the same retry rule.
 
 
 def _start(name: str, args: list[str], env: dict[str, str], temp_dir: Path) -> Node:
@@ -206,7 +205,7 @@ def _start(name: str, args: list[str], env: dict[str, str], temp_dir: Path) -> N
         try:
             return _start_once(name, args, env, temp_dir)
         except RuntimeError as exc:
-            if attempt == START_ATTEMPTS or _STARTUP_TIMED_OUT not in str(exc):
+            if attempt == START_ATTEMPTS or STARTUP_TIMED_OUT not in str(exc):
                 raise
     raise AssertionError("unreachable")
 
