@@ -4,7 +4,7 @@
 
 For each N, one fresh subprocess (so peak memory is per case, not carried over) measures:
 - bare: read + decode + resize + model forward (the shared batched forward of
-  dfr_core.inference) in one plain process, same batch size, ``--bare-threads`` torch threads
+  dfr_core.inference) in one plain process of its own, same batch size, ``--bare-threads`` torch threads
   (default: every CPU), before and after the jobs (averaged);
 - job-local: run_score_job over a Parquet listing of N local files (Ray Data, local Ray);
 - job-s3: the same listing with the images on a local moto S3 server.
@@ -18,10 +18,12 @@ runs, so the CPU seconds per image of the bare loop and of the whole job (every 
 included) are reported too: their ratio ("CPU efficiency") is the pipeline's overhead,
 whatever the contention.
 
-Memory, sampled every 0.25 s during each job: the driver's peak RSS, and the peak of the summed
-RSS of the driver plus every Ray process it started. The plasma store's shared pages are counted
-once per process that maps them, so this overstates the total, but it is the same measure at
-every N, which is what "flat" compares.
+Memory, sampled every 0.25 s during each job: the driver's peak RSS, and the peaks of the summed
+RSS and of the summed PSS of the driver plus every Ray process it started. The RSS sum counts the
+plasma store's shared pages once per process that maps them (an overstatement); the PSS sum
+splits shared pages among their processes, so it counts each page once: the tree's real
+footprint. The case's driver imports no torch (the bare loop runs in its own process), like the
+real ``dfr-pipeline score`` driver.
 
 Model: mobilenet_v2 (offline ImageNet weights) with its default layers at ``--size`` px, a head
 trained briefly on synthetic images. Images are ``--image-px`` square PNGs from
@@ -76,6 +78,19 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (the plasma store's) split among the processes
+    mapping them, so the sum over a tree counts each page once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _cpu_ticks(pid: int) -> int:
     """utime + stime of a process, in clock ticks (0 once it has gone)."""
     try:
@@ -94,6 +109,7 @@ class ProcessTree:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self.peak_kb = 0
+        self.pss_peak_kb = 0
         self.driver_peak_kb = 0
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
@@ -103,6 +119,7 @@ class ProcessTree:
     def _sample(self, first: bool = False) -> None:
         pids = _descendants(os.getpid())
         self.peak_kb = max(self.peak_kb, sum(_rss_kb(pid) for pid in pids))
+        self.pss_peak_kb = max(self.pss_peak_kb, sum(_pss_kb(pid) for pid in pids))
         self.driver_peak_kb = max(self.driver_peak_kb, _rss_kb(os.getpid()))
         for pid in pids:
             ticks = _cpu_ticks(pid)
@@ -257,23 +274,46 @@ def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: 
         "ips": round(summary.images_per_second, 2),
         "cpu_s_per_image": round(tree.cpu_seconds / summary.counts["rows"], 4),
         "tree_peak_mb": round(tree.peak_kb / 1024),
+        "tree_pss_peak_mb": round(tree.pss_peak_kb / 1024),
         "driver_peak_mb": round(tree.driver_peak_kb / 1024),
     }
 
 
-def child(args: argparse.Namespace) -> None:
-    import ray
+def _bare_in_child(args: argparse.Namespace, listing: Path, limit: int) -> dict:
+    """The bare loop in its own process: the job's driver (this process) stays torch-free, as
+    the real ``dfr-pipeline score`` driver is (pipeline.driver_exec)."""
+    cmd = [sys.executable, __file__, "--bare-case", str(limit), "--models", args.models]
+    cmd += ["--work", args.work, "--batch", str(args.batch), "--listing", str(listing)]
+    cmd += ["--bare-threads", str(args.bare_threads or os.cpu_count())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BARE ")]
+    if proc.returncode or not line:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"bare loop failed (exit {proc.returncode})")
+    return json.loads(line[0][len("BARE ") :])
+
+
+def bare_child(args: argparse.Namespace) -> None:
     import torch
+
+    torch.set_num_threads(args.bare_threads)
+    cache = str(Path(args.work) / "cache")
+    result = _bare(args.models, Path(args.listing), args.batch, args.bare_case, cache)
+    print("BARE " + json.dumps(result), flush=True)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One case: bare before, both jobs (this process is their driver: no torch), bare after."""
+    import ray
 
     work = Path(args.work)
     cache = str(work / "cache")
-    torch.set_num_threads(args.bare_threads or os.cpu_count())
     local_listing = work / f"local-{args.case_n}.parquet"
     limit = min(args.case_n, args.bare_limit)
     result: dict = {"n": args.case_n}
     # Bare before and after the jobs, averaged: other load on a shared machine then biases
     # neither side of the ratio.
-    before = _bare(args.models, local_listing, args.batch, limit, cache)
+    before = _bare_in_child(args, local_listing, limit)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     from pipeline.resources import ClusterShape, plan_resources
     from pipeline.score_job import resource_request
@@ -288,8 +328,9 @@ def child(args: argparse.Namespace) -> None:
         listing = work / f"{source}-{args.case_n}.parquet"
         out = str(work / f"out-{source}-{args.case_n}")
         result[f"job_{source}"] = _job(args.models, listing, out, args, cache)
+    result["driver_imported_torch"] = "torch" in sys.modules
     ray.shutdown()
-    after = _bare(args.models, local_listing, args.batch, limit, cache)
+    after = _bare_in_child(args, local_listing, limit)
     result["bare"] = {
         "images": limit,
         "ips_before": before["ips"],
@@ -330,7 +371,12 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--models", help=argparse.SUPPRESS)
     parser.add_argument("--case-n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--listing", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_case:
+        bare_child(args)
+        return
     if args.case_n:
         child(args)
         return
@@ -394,9 +440,10 @@ def main() -> None:
     print(
         "| images | bare img/s | job local img/s (ratio) | job S3 img/s (ratio) "
         "| CPU ms/img bare / local / S3 | CPU efficiency local / S3 "
-        "| peak RSS tree local / S3 (MB) | driver peak local / S3 (MB) |"
+        "| peak RSS tree local / S3 (MB) | peak PSS tree local / S3 (MB) "
+        "| driver peak local / S3 (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         bare, lo, s3 = r["bare"], r["job_local"], r["job_s3"]
         cpu = [round(1000 * x["cpu_s_per_image"]) for x in (bare, lo, s3)]
@@ -405,6 +452,7 @@ def main() -> None:
             f"| {s3['ips']} ({s3['ratio']:.0%}) | {cpu[0]} / {cpu[1]} / {cpu[2]} "
             f"| {lo['cpu_efficiency']:.0%} / {s3['cpu_efficiency']:.0%} "
             f"| {lo['tree_peak_mb']} / {s3['tree_peak_mb']} "
+            f"| {lo['tree_pss_peak_mb']} / {s3['tree_pss_peak_mb']} "
             f"| {lo['driver_peak_mb']} / {s3['driver_peak_mb']} |"
         )
 
