@@ -32,7 +32,10 @@ class ModelConfig:
     image_score: str = "topk_mean"  # "max": the paper's; "topk_mean": mean of the top fraction
     topk_fraction: float = 0.01  # of the map's pixels, for image_score == "topk_mean"
     score_norm: str = "quantile"  # "quantile": terms scaled by held-out normal images' q90/q99.5
-    global_weight: float = 1.0  # weight of the pooled-feature Gaussian term; 0 disables it
+    # weight of the pooled-feature Gaussian term; 0 disables it. 2 (not 1): chosen on
+    # magnetic_tile, confirmed on kolektorsdd (BENCHMARKS.md, "Score levers"); a saved model
+    # keeps the weight it was trained with
+    global_weight: float = 2.0
     # Geometry (issue 12). tile None: the image is resized to image_size (today's behaviour).
     # tile N: the image (resized by tile_scale, aspect kept) is covered by N x N tiles that
     # overlap by tile_overlap pixels; each tile is a model input (image_size == tile).
