@@ -4,8 +4,8 @@
 
 For each N, one fresh subprocess (so peak memory is per case, not carried over) measures:
 - bare: read + decode + resize + model forward (the shared batched forward of
-  dfr_core.inference) in one plain process of its own, same batch size, ``--bare-threads`` torch threads
-  (default: every CPU), before and after the jobs (averaged);
+  dfr_core.inference) in one plain process of its own, same batch size, ``--bare-threads``
+  torch threads (default: every CPU), before and after the jobs (averaged);
 - job-local: run_score_job over a Parquet listing of N local files (Ray Data, local Ray);
 - job-s3: the same listing with the images on a local moto S3 server.
 
