@@ -48,15 +48,26 @@ LINE = "metal_plate"
 POOL = 64  # distinct images; file i is a copy of pool[i % POOL]
 
 
-def _rss_kb(pid: int) -> int:
+def _proc_kb(path: str, field: str) -> int:
+    """One "<field>: <n> kB" line of a /proc file (0 once the process has gone)."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _rss_kb(pid: int) -> int:
+    return _proc_kb(f"/proc/{pid}/status", "VmRSS:")
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (the plasma store's) split among the processes
+    mapping them, so the sum over a tree counts each page once."""
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def _descendants(root: int) -> list[int]:
@@ -76,19 +87,6 @@ def _descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
-
-
-def _pss_kb(pid: int) -> int:
-    """Proportional set size: shared pages (the plasma store's) split among the processes
-    mapping them, so the sum over a tree counts each page once."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -279,18 +277,23 @@ def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: 
     }
 
 
+def _run_child(cmd: list[str], tag: str, what: str) -> dict:
+    """Run this script as a child; the JSON of its "<tag> " line (stop with its output if none)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [x for x in proc.stdout.splitlines() if x.startswith(tag + " ")]
+    if proc.returncode or not line:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    return json.loads(line[0][len(tag) + 1 :])
+
+
 def _bare_in_child(args: argparse.Namespace, listing: Path, limit: int) -> dict:
     """The bare loop in its own process: the job's driver (this process) stays torch-free, as
     the real ``dfr-pipeline score`` driver is (pipeline.driver_exec)."""
     cmd = [sys.executable, __file__, "--bare-case", str(limit), "--models", args.models]
     cmd += ["--work", args.work, "--batch", str(args.batch), "--listing", str(listing)]
     cmd += ["--bare-threads", str(args.bare_threads or os.cpu_count())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("BARE ")]
-    if proc.returncode or not line:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"bare loop failed (exit {proc.returncode})")
-    return json.loads(line[0][len("BARE ") :])
+    return _run_child(cmd, "BARE", "bare loop")
 
 
 def bare_child(args: argparse.Namespace) -> None:
@@ -423,12 +426,7 @@ def main() -> None:
         for flag in ("actors", "cpus_per_actor", "decode_cpus", "torch_threads", "bare_threads"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise SystemExit(f"case n={n} failed (exit {proc.returncode})")
-        results.append(json.loads(line[0][len("RESULT ") :]))
+        results.append(_run_child(cmd, "RESULT", f"case n={n}"))
         print(json.dumps(results[-1]), flush=True)
     server.stop()
 
