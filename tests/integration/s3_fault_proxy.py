@@ -172,20 +172,34 @@ class S3FaultProxy:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 """Silent: one line per request would drown test output."""
 
-            def _read_body(self) -> bytes:
+            def _read_body(self) -> bytes | None:
+                """The whole request body, or None when the client went away mid-body.
+
+                A real S3 (and moto itself) stores nothing for an incomplete body; forwarding
+                the bytes that did arrive with a shortened Content-Length would create a
+                truncated object that no production path can produce.
+                """
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     chunks = []
                     for _ in range(_MAX_CHUNKS):
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        line = self.rfile.readline()
+                        if not line.endswith(b"\n"):
+                            return None
+                        size = int(line.split(b";")[0].strip() or b"0", 16)
                         if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
+                            while (line := self.rfile.readline()) not in (b"\r\n", b"\n"):
+                                if not line:
+                                    return None
                             return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
+                        chunk = self.rfile.read(size)
+                        if len(chunk) < size:
+                            return None
+                        chunks.append(chunk)
                         self.rfile.readline()
                     raise ValueError("chunked body too long")
                 length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+                body = self.rfile.read(length) if length else b""
+                return body if len(body) == length else None
 
             def _reset(self) -> None:
                 """Abort with RST: SO_LINGER 0 then close, the way a dropped connection looks."""
@@ -240,6 +254,9 @@ class S3FaultProxy:
             def _handle(self) -> None:
                 key = unquote(urlsplit(self.path).path.lstrip("/"))
                 body = self._read_body()
+                if body is None:  # the client died mid-request: nothing reaches the server
+                    self.close_connection = True
+                    return
                 fault, delay = proxy._decide(self.command, key)
                 if delay:
                     time.sleep(delay)

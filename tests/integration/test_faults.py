@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -305,6 +307,40 @@ def test_driver_killed_then_rerun_resumes(world: World, tmp_path: Path) -> None:
     assert summary.counts["rows"] == summary.counts["ok"] == N_IMAGES
     _assert_one_row_per_image(output, world.images)
     assert len(storage.list_files(f"{output}/scores")) == N_IMAGES // 4
+
+
+def _send_raw(endpoint_url: str, request: bytes) -> None:
+    """Send ``request`` bytes on a fresh connection and close it: a client that dies mid-PUT."""
+    host, port = urlsplit(endpoint_url).hostname, urlsplit(endpoint_url).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+
+
+def test_proxy_never_forwards_a_truncated_put(s3_server: Any, s3_bucket: str) -> None:
+    """A writer killed mid-body must not leave a short object behind the proxy: real S3 and
+    moto store nothing for an incomplete request, so the proxy must not either (it once
+    forwarded the bytes that had arrived, and the driver-kill test found a 0-byte shard)."""
+    bucket = s3_bucket.removeprefix("s3://")
+    with fault_proxy(s3_server.endpoint_url) as proxy:
+        head = f"PUT /{bucket}/{{key}} HTTP/1.1\r\nHost: x\r\n"
+        _send_raw(
+            proxy.endpoint_url, (head.format(key="none") + "Content-Length: 100\r\n\r\n").encode()
+        )
+        _send_raw(
+            proxy.endpoint_url,
+            (head.format(key="short") + "Content-Length: 100\r\n\r\n").encode() + b"a" * 10,
+        )
+        _send_raw(
+            proxy.endpoint_url,
+            (head.format(key="chunked") + "Transfer-Encoding: chunked\r\n\r\n").encode()
+            + b"a\r\n0123456789\r\n",  # one chunk, then the client is gone: no last chunk
+        )
+        storage.write_bytes_atomic(
+            f"{s3_bucket}/whole", b"b" * 100, StorageOptions(proxy.endpoint_url)
+        )
+        assert proxy.stats.requests >= 1  # the whole PUT went through the proxy
+    objects = s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert [(o["Key"], o["Size"]) for o in objects] == [("whole", 100)]
 
 
 @pytest.mark.slow
