@@ -6,10 +6,12 @@
 
 Per dataset: one model with the defaults (``--max-train`` / ``--epochs`` shrink the training, which
 only sets the weights both precisions then share), trained at fp32 on the training slice of
-`dfr_core.train.holdout_splits`. Then, for fp32 and for bf16 in turn, the thresholds are
-calibrated at that precision on the calibration slice (`dfr_core.calibrate.calibrate`, as
-``train`` does), and the test split is scored through the shared batched forward at that
-precision (`dfr_core.calibrate.compute_maps`: the scoring actor's computation). Printed: image and
+`dfr_core.train.holdout_splits`. Then, for each precision in turn (fp32; bf16 as
+`dfr_core.calibrate.calibrate` records it by default, i.e. an fp32 backbone under a model with
+a global term; bf16 with a bf16 backbone too, "bf16-all"), the thresholds are calibrated at that
+precision on the calibration slice (`dfr_core.calibrate.calibrate`, as ``train`` does), and the
+test split is scored through the shared batched forward at that precision
+(`dfr_core.calibrate.compute_maps`: the scoring actor's computation). Printed: image and
 pixel AUROC and PRO per precision, their differences (the issue's criterion: AUROC within 0.002),
 the largest relative change of maps and image scores, the change of the two thresholds, and how
 many test images change their anomaly decision at the calibrated image threshold.
@@ -28,14 +30,33 @@ from dfr_core.config import ModelConfig, TrainConfig
 from dfr_core.datasets import list_category, load_images, load_test
 from dfr_core.evaluate import evaluate_outputs
 from dfr_core.model import build_extractor
-from dfr_core.precision import PrecisionSpec
 from dfr_core.train import fit, holdout_splits
 
-PRECISIONS = ("fp32", "bf16")
+#: (label, head precision, backbone precision or None for calibrate's default)
+PRECISIONS = (("fp32", "fp32", None), ("bf16", "bf16", None), ("bf16-all", "bf16", "bf16"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _diff_row(dataset: str, name: str, ref: tuple, low: tuple) -> str:
+    """One reduced precision against fp32: metric deltas, largest changes, threshold moves."""
+    (c32, o32, e32), (c16, o16, e16) = ref, low
+    flags32 = o32.score.numpy() > c32.image_threshold
+    flags16 = o16.score.numpy() > c16.image_threshold
+    # the pixel threshold is a raw map value (relative change); the image threshold is on the
+    # normalised score scale (0 = q90 of normal images, 1 = q99.5), so its change is absolute
+    pixel_thr = abs(c16.pixel_threshold / c32.pixel_threshold - 1)
+    image_thr = c16.image_threshold - c32.image_threshold
+    return (
+        f"| {dataset} | {name} - fp32 | {e16.image_auroc - e32.image_auroc:+.4f} | "
+        f"{e16.pixel_auroc - e32.pixel_auroc:+.4f} | {e16.pro - e32.pro:+.4f} | "
+        f"maps {_rel(o16.anomaly_map, o32.anomaly_map):.1e}, scores "
+        f"{_rel(o16.score, o32.score):.1e} (max rel. change); pixel threshold {pixel_thr:.1e} "
+        f"(rel.), image threshold {image_thr:+.1e} (normalised units); "
+        f"decisions changed {int((flags32 != flags16).sum())} of {len(flags32)}; |"
+    )
 
 
 def run(root: Path, args: argparse.Namespace) -> list[str]:
@@ -54,35 +75,22 @@ def run(root: Path, args: argparse.Namespace) -> list[str]:
     fit_s = time.perf_counter() - t0
     cpu = torch.device("cpu")
     res = {}
-    for name in PRECISIONS:
-        cal = calibrate(model, train_all[split.calibration], precision=name)
-        spec = PrecisionSpec.for_device(name, cpu)
+    for name, head, backbone in PRECISIONS:
+        cal = calibrate(model, train_all[split.calibration], precision=head, backbone=backbone)
+        spec = cal.precision_spec
         t0 = time.perf_counter()
         out = compute_maps(model, test.images, cpu, precision=spec)
         ms = 1000 * (time.perf_counter() - t0) / len(test.images)
         res[name] = (cal, out, evaluate_outputs(out, test.masks, test.labels, cal, ms))
-    (c32, o32, e32), (c16, o16, e16) = res["fp32"], res["bf16"]
-    flags32 = o32.score.numpy() > c32.image_threshold
-    flags16 = o16.score.numpy() > c16.image_threshold
-    # the pixel threshold is a raw map value (relative change); the image threshold is on the
-    # normalised score scale (0 = q90 of normal images, 1 = q99.5), so its change is absolute
-    pixel_thr = abs(c16.pixel_threshold / c32.pixel_threshold - 1)
-    image_thr = c16.image_threshold - c32.image_threshold
     rows = []
-    for name, (_, _, ev) in res.items():
+    for name, (cal, _, ev) in res.items():
         rows.append(
-            f"| {root.name} | {name} | {ev.image_auroc:.4f} | {ev.pixel_auroc:.4f} | "
-            f"{ev.pro:.4f} | {ev.ms_per_image:.0f} |"
+            f"| {root.name} | {name}: {cal.precision_spec.describe()} | {ev.image_auroc:.4f} | "
+            f"{ev.pixel_auroc:.4f} | {ev.pro:.4f} | {ev.ms_per_image:.0f} |"
         )
-    rows.append(
-        f"| {root.name} | bf16 - fp32 | {e16.image_auroc - e32.image_auroc:+.4f} | "
-        f"{e16.pixel_auroc - e32.pixel_auroc:+.4f} | {e16.pro - e32.pro:+.4f} | "
-        f"maps {_rel(o16.anomaly_map, o32.anomaly_map):.1e}, scores "
-        f"{_rel(o16.score, o32.score):.1e} (max rel. change); pixel threshold {pixel_thr:.1e} "
-        f"(rel.), image threshold {image_thr:+.1e} (normalised units); "
-        f"decisions changed {int((flags32 != flags16).sum())} of {len(flags32)}; "
-        f"{len(split.train)} training images, fit {fit_s:.0f} s |"
-    )
+    for name in list(res)[1:]:
+        rows.append(_diff_row(root.name, name, res["fp32"], res[name]))
+    rows[-1] = rows[-1][:-1] + f"{len(split.train)} training images, fit {fit_s:.0f} s |"
     return rows
 
 

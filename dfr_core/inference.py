@@ -60,10 +60,10 @@ def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
 
 @torch.no_grad()
 def extract(extractor: FeatureExtractor, x: torch.Tensor, precision: PrecisionSpec) -> RegionalMaps:
-    """One backbone pass at ``precision`` (checked against x's device first)."""
+    """One backbone pass at ``precision``'s backbone dtype (checked against x's device first)."""
     precision.check(x.device)
     with exact_fp32(x.device):
-        return extract_regional(extractor, x, precision.torch_dtype)
+        return extract_regional(extractor, x, precision.backbone_dtype)
 
 
 @torch.no_grad()

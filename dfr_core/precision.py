@@ -7,6 +7,11 @@ precisions (e.g. a bf16 CUDA backbone under fp32 CPU thresholds). fp32 is device
 float rounding (TF32 is switched off for it on CUDA), so an fp32 model scores alike on CPU and
 GPU nodes of one run; a reduced-precision model runs only on the device kind it was calibrated
 on. Models written before this field existed were calibrated in fp32.
+
+A reduced-precision calibration may keep the backbone at fp32 (``backbone``): the score's global
+term (a Mahalanobis distance of pooled backbone features) amplifies bf16 rounding of the
+features, while the head's reconstruction error does not (`benchmarks/precision_parity.py`).
+``backbone`` absent (every model written before it existed) means the backbone runs at ``dtype``.
 """
 
 from __future__ import annotations
@@ -44,27 +49,57 @@ def device_kind(device: torch.device) -> str:
     return device.type
 
 
+def _precision(name: str | Precision) -> Precision:
+    try:
+        return Precision(name)
+    except ValueError as exc:
+        raise ValueError(
+            f"unknown precision {name!r}; use one of {[x.value for x in Precision]}"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class PrecisionSpec:
-    """What a model's thresholds were calibrated at; ``device_kind`` is None for fp32."""
+    """What a model's thresholds were calibrated at; ``device_kind`` is None for fp32.
+
+    ``dtype`` is the head's precision; ``backbone`` the backbone's when it differs (fp32 under a
+    reduced-precision head), None when it is ``dtype`` too.
+    """
 
     dtype: Precision = Precision.FP32
     device_kind: str | None = None
+    backbone: Precision | None = None
+
+    def __post_init__(self) -> None:
+        if self.backbone is not None and self.backbone not in (Precision.FP32, self.dtype):
+            raise ValueError(
+                f"backbone precision {self.backbone.value} under a {self.dtype.value} head: "
+                f"use fp32 or {self.dtype.value}"
+            )
+        if self.backbone == self.dtype:  # one spelling per meaning (specs compare equal)
+            object.__setattr__(self, "backbone", None)
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The head's compute dtype."""
         return _DTYPES[self.dtype]
 
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return _DTYPES[self.backbone or self.dtype]
+
     @classmethod
-    def for_device(cls, precision: str | Precision, device: torch.device) -> PrecisionSpec:
-        """The spec a calibration at ``precision`` on ``device`` records."""
-        try:
-            p = Precision(precision)
-        except ValueError as exc:
-            raise ValueError(
-                f"unknown precision {precision!r}; use one of {[x.value for x in Precision]}"
-            ) from exc
-        spec = cls(p, None if p is Precision.FP32 else device_kind(device))
+    def for_device(
+        cls, precision: str | Precision, device: torch.device, backbone: str | None = None
+    ) -> PrecisionSpec:
+        """The spec a calibration at ``precision`` on ``device`` records (``backbone``: the
+        backbone's precision when it is not ``precision``, i.e. fp32)."""
+        p = _precision(precision)
+        spec = cls(
+            p,
+            None if p is Precision.FP32 else device_kind(device),
+            None if backbone is None else _precision(backbone),
+        )
         spec.check(device)
         return spec
 
@@ -73,10 +108,18 @@ class PrecisionSpec:
         """From model.json's calibration block; absent (older models) means fp32."""
         if not data:
             return cls()
-        return cls(Precision(data.get("dtype", "fp32")), data.get("device_kind"))
+        backbone = data.get("backbone")
+        return cls(
+            Precision(data.get("dtype", "fp32")),
+            data.get("device_kind"),
+            None if backbone is None else Precision(backbone),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype.value, "device_kind": self.device_kind}
+        out: dict[str, Any] = {"dtype": self.dtype.value, "device_kind": self.device_kind}
+        if self.backbone is not None:
+            out["backbone"] = self.backbone.value
+        return out
 
     def check(self, device: torch.device) -> None:
         """Refuse a device on which this precision's scores would not match its thresholds."""
@@ -96,11 +139,12 @@ class PrecisionSpec:
                 raise PrecisionError(f"{here} does not support bf16")
 
     def describe(self) -> str:
-        return (
+        text = (
             self.dtype.value
             if self.device_kind is None
             else f"{self.dtype.value}@{self.device_kind}"
         )
+        return text if self.backbone is None else f"{text} (backbone {self.backbone.value})"
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from dfr_core.artifact import CONFIG_FILE, load_model, read_metadata, save_model
 from dfr_core.calibrate import calibrate, compute_maps
 from dfr_core.config import ModelConfig
 from dfr_core.geometry import prepare_image
+from dfr_core.inference import extract, to_model_input
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 from dfr_core.precision import Precision, PrecisionError, PrecisionSpec
 from pipeline import registry
@@ -58,27 +59,71 @@ def test_spec_rules():
         PrecisionSpec.for_device("int8", cpu)
 
 
+def test_backbone_precision_rules():
+    cpu = torch.device("cpu")
+    split = PrecisionSpec.for_device("bf16", cpu, backbone="fp32")
+    assert split.to_dict() == {"dtype": "bf16", "device_kind": "cpu", "backbone": "fp32"}
+    assert PrecisionSpec.from_dict(split.to_dict()) == split
+    assert (split.torch_dtype, split.backbone_dtype) == (torch.bfloat16, torch.float32)
+    assert split.describe() == "bf16@cpu (backbone fp32)"
+    # the same precision spelled out is the same spec (and model.json keeps its old form)
+    same = PrecisionSpec.for_device("bf16", cpu, backbone="bf16")
+    assert same == PrecisionSpec(Precision.BF16, "cpu") and "backbone" not in same.to_dict()
+    assert same.backbone_dtype == torch.bfloat16  # older bf16 models: the backbone in bf16
+    with pytest.raises(ValueError, match="backbone precision fp16 under a bf16 head"):
+        PrecisionSpec(Precision.BF16, "cpu", Precision.FP16)
+
+
 def test_recorded_restored_and_enforced(model, tmp_path):
     normal = _images(4, 1)
     cal32 = calibrate(model, normal)
     assert cal32.precision == {"dtype": "fp32", "device_kind": None}
     cal16 = calibrate(model, normal, precision="bf16")
-    assert cal16.precision == {"dtype": "bf16", "device_kind": "cpu"}
+    # the model's score has a global term: its backbone stays fp32 (calibrate's default)
+    assert model.config.global_weight > 0
+    assert cal16.precision == {"dtype": "bf16", "device_kind": "cpu", "backbone": "fp32"}
     assert model.precision.dtype is Precision.BF16  # predict now runs where it was calibrated
     assert cal16.pixel_threshold != cal32.pixel_threshold  # really computed at bf16
     save_model(model, tmp_path, cal16)
     meta = read_metadata(tmp_path)
-    assert meta["calibration"]["precision"] == {"dtype": "bf16", "device_kind": "cpu"}
+    assert meta["calibration"]["precision"] == cal16.precision
     loaded = load_model(tmp_path).model
-    assert loaded.precision == PrecisionSpec(Precision.BF16, "cpu")
+    assert loaded.precision == PrecisionSpec(Precision.BF16, "cpu", Precision.FP32)
     images = _images(2, 2)
-    bf16 = compute_maps(model, images, precision=PrecisionSpec(Precision.BF16, "cpu"))
+    bf16 = compute_maps(model, images, precision=loaded.precision)
     fp32 = compute_maps(model, images, precision=PrecisionSpec())
     again = compute_maps(loaded, images)  # no precision given: the model's own
     torch.testing.assert_close(again.anomaly_map, bf16.anomaly_map, rtol=0, atol=0)
     assert not torch.equal(again.anomaly_map, fp32.anomaly_map)
     predicted = loaded.predict(list(images))
     torch.testing.assert_close(predicted.score, bf16.score, rtol=0, atol=0)
+
+
+def test_bf16_head_keeps_the_backbone_exact(model):
+    """Under the default bf16 calibration of a model with a global term, the backbone pass
+    (hence the pooled features of the global term) is bit-identical to fp32's; only the
+    head runs in bf16. A bf16 backbone ("bf16-all") really differs."""
+    x = to_model_input(_images(2, 6), torch.device("cpu"))
+    fp32 = extract(model.extractor, x, PrecisionSpec())
+    split = extract(model.extractor, x, PrecisionSpec(Precision.BF16, "cpu", Precision.FP32))
+    full = extract(model.extractor, x, PrecisionSpec(Precision.BF16, "cpu"))
+    torch.testing.assert_close(split.fine, fp32.fine, rtol=0, atol=0)
+    assert not torch.equal(full.fine, fp32.fine)
+    images = _images(2, 6)
+    head_only = compute_maps(
+        model, images, precision=PrecisionSpec(Precision.BF16, "cpu", Precision.FP32)
+    )
+    exact = compute_maps(model, images, precision=PrecisionSpec())
+    assert not torch.equal(head_only.anomaly_map, exact.anomaly_map)  # the head is bf16
+
+
+def test_without_a_global_term_the_backbone_runs_at_the_calibrated_precision():
+    config = ModelConfig(image_size=SIZE, global_weight=0.0)  # e.g. the paper's configuration
+    extractor = build_extractor(config).eval()
+    head = DFRHead(config, extractor.channels, 8).eval()
+    model = DFRModel(extractor, head).eval()
+    cal = calibrate(model, _images(3, 7), precision="bf16")
+    assert cal.precision == {"dtype": "bf16", "device_kind": "cpu"}
 
 
 def test_older_model_without_the_field_is_fp32(model, tmp_path):
@@ -112,13 +157,16 @@ def test_scoring_actor_refuses_a_precision_from_another_device_kind(model, tmp_p
     assert "calibrated at bf16 on cuda:NVIDIA H200" in actor.failed[LINE]
 
 
-def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path):
-    actor = _actor(tmp_path, model, {"dtype": "bf16", "device_kind": "cpu"})
+@pytest.mark.parametrize("backbone", [None, "fp32"])
+def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path, backbone):
+    spec = PrecisionSpec(Precision.BF16, "cpu", backbone and Precision(backbone))
+    actor = _actor(tmp_path, model, spec.to_dict())
     images = _images(3, 5)
     prepared = {i: Prepared(*prepare_image(ModelConfig(image_size=SIZE), img))
                 for i, img in enumerate(images)}  # fmt: skip
     assert actor._model(LINE) is not None
     scored = actor._score_chunk([0, 1, 2], [LINE] * 3, prepared, (
         actor.lines[LINE].extractor_key, actor.lines[LINE].precision))  # fmt: skip
-    expect = compute_maps(model, images, precision=PrecisionSpec(Precision.BF16, "cpu"))
+    assert actor.lines[LINE].precision == spec
+    expect = compute_maps(model, images, precision=spec)
     assert [scored[i].score for i in range(3)] == pytest.approx(expect.score.tolist(), abs=0)
