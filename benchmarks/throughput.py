@@ -99,10 +99,29 @@ def _cpu_ticks(pid: int) -> int:
         return 0
 
 
+def _role(pid: int, driver: int) -> str:
+    """What a process of the tree is, for the CPU breakdown: the driver, a Ray worker by the
+    task or actor it runs now (Ray sets the process title to ``ray::<name>``), or the
+    executable of a Ray system process (raylet, gcs_server, agents)."""
+    if pid == driver:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return "gone"
+    title = argv[0].decode(errors="replace")
+    if title.startswith("ray::"):
+        return title.split()[0][:60]
+    script = next((a.decode(errors="replace") for a in argv[1:2] if a.endswith(b".py")), "")
+    return os.path.basename(script or title.split()[0] if title else "?")
+
+
 class ProcessTree:
     """Samples this process and its descendants (every Ray process it started): the peak of
     their summed RSS and the CPU time they used while sampling (CPU seconds are what a shared,
-    oversubscribed machine cannot distort, unlike wall time)."""
+    oversubscribed machine cannot distort, unlike wall time), also by process role (`_role`):
+    each sample's CPU ticks go to the role the process had at that sample."""
 
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
@@ -111,6 +130,7 @@ class ProcessTree:
         self.driver_peak_kb = 0
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
+        self.ticks_by_role: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -122,7 +142,10 @@ class ProcessTree:
         for pid in pids:
             ticks = _cpu_ticks(pid)
             self._first.setdefault(pid, ticks if first else 0)
-            self._last[pid] = max(self._last.get(pid, 0), ticks)
+            previous = self._last.get(pid, self._first[pid])
+            self._last[pid] = max(previous, ticks)
+            role = _role(pid, os.getpid())
+            self.ticks_by_role[role] = self.ticks_by_role.get(role, 0) + self._last[pid] - previous
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -132,6 +155,17 @@ class ProcessTree:
     def cpu_seconds(self) -> float:
         ticks = sum(self._last[pid] - self._first[pid] for pid in self._last)
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    def cpu_ms_by_role(self, images: int) -> dict[str, float]:
+        """CPU milliseconds per image by process role, largest first (roles under 0.5 ms
+        summed as "other")."""
+        scale = 1000 / os.sysconf("SC_CLK_TCK") / max(images, 1)
+        out: dict[str, float] = {}
+        for role, ticks in sorted(self.ticks_by_role.items(), key=lambda kv: -kv[1]):
+            ms = ticks * scale
+            key = role if ms >= 0.5 else "other"
+            out[key] = round(out.get(key, 0.0) + ms, 1)
+        return out
 
     def __enter__(self) -> ProcessTree:
         self._sample(first=True)
@@ -223,10 +257,13 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     uris = pq.read_table(listing).column("image_uri").to_pylist()[:limit]
     model.extractor.to(memory_format=torch.channels_last)  # as the scoring actor prepares it
     t0, cpu0 = time.perf_counter(), time.process_time()
+    decode_cpu = 0.0
     for i in range(0, len(uris), batch):
+        c0 = time.process_time()
         arrays = [
             resize_image(decode_image(storage.read_bytes(u)), size) for u in uris[i : i + batch]
         ]
+        decode_cpu += time.process_time() - c0
         forward_batch(model, np.stack(arrays))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {
@@ -234,6 +271,8 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
         "seconds": round(seconds, 2),
         "ips": round(len(uris) / seconds, 2),
         "cpu_s_per_image": round(cpu / len(uris), 4),
+        "cpu_ms_per_image_read_decode": round(1000 * decode_cpu / len(uris), 1),
+        "cpu_ms_per_image_model": round(1000 * (cpu - decode_cpu) / len(uris), 1),
     }
 
 
@@ -271,6 +310,7 @@ def _job(models: str, listing: Path, out: str, args: argparse.Namespace, cache: 
         "total_seconds": round(total, 2),
         "ips": round(summary.images_per_second, 2),
         "cpu_s_per_image": round(tree.cpu_seconds / summary.counts["rows"], 4),
+        "cpu_ms_per_image_by_process": tree.cpu_ms_by_role(summary.counts["rows"]),
         "tree_peak_mb": round(tree.peak_kb / 1024),
         "tree_pss_peak_mb": round(tree.pss_peak_kb / 1024),
         "driver_peak_mb": round(tree.driver_peak_kb / 1024),
@@ -340,6 +380,10 @@ def child(args: argparse.Namespace) -> None:
         "ips_after": after["ips"],
         "ips": round((before["ips"] + after["ips"]) / 2, 2),
         "cpu_s_per_image": round((before["cpu_s_per_image"] + after["cpu_s_per_image"]) / 2, 4),
+        **{
+            key: round((before[key] + after[key]) / 2, 1)
+            for key in ("cpu_ms_per_image_read_decode", "cpu_ms_per_image_model")
+        },
     }
     for source in ("local", "s3"):
         job = result[f"job_{source}"]
@@ -453,6 +497,15 @@ def main() -> None:
             f"| {lo['tree_pss_peak_mb']} / {s3['tree_pss_peak_mb']} "
             f"| {lo['driver_peak_mb']} / {s3['driver_peak_mb']} |"
         )
+    print("\nCPU ms per image by process (where the job's extra CPU goes):")
+    for r in results:
+        bare = r["bare"]
+        print(
+            f"n={r['n']} bare: read+decode+resize {bare['cpu_ms_per_image_read_decode']}, "
+            f"model {bare['cpu_ms_per_image_model']}"
+        )
+        for source in ("local", "s3"):
+            print(f"n={r['n']} job {source}: {r[f'job_{source}']['cpu_ms_per_image_by_process']}")
 
 
 if __name__ == "__main__":
