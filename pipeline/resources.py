@@ -4,10 +4,14 @@ Whatever the user does not give is sized from the cluster (`ClusterShape.from_ra
 
 - GPUs in the cluster: one GPU per actor, one actor per GPU, 1 CPU and 1 torch thread each
   (the GPU does the model's work; the CPU only feeds it).
-- CPU only: per node, one actor per 8 CPUs (intra-op scaling flattens beyond that), the node's
-  CPUs minus a decode reserve (1/8 of the node, at least 0.25) split between its actors, and
-  torch threads = the node's CPUs / its actors, so the model also uses the cycles decoding
-  leaves idle (on 2 cores: 1 actor x 1.75 CPUs, 2 threads, decode tasks of 0.25 CPU).
+- CPU only: per node, one single-threaded actor per CPU left after a decode reserve (1/8 of
+  the node, at least 0.25), sharing those CPUs (on 2 cores: 2 actors x 0.875 CPUs, 1 torch
+  thread each, decode tasks of 0.25 CPU). Why not one multi-threaded actor: its intra-op
+  threads meet at a barrier after every operation, so whenever a decode task or a Ray process
+  takes a core, the other thread waits; measured on 2 cores (`benchmarks/throughput.py`), one
+  2-thread actor kept 65-80 % of the bare model's throughput, two 1-thread actors 94-103 %.
+  Each actor holds torch and its models (~1 GB), so a node gets at most one actor per
+  ``ACTOR_MEMORY`` of its Ray memory; the actors' torch threads then share the node's CPUs.
 
 Decoding never runs in a scoring actor: Ray Data fuses adjacent map stages whose remote args
 are equal (same CPUs, GPUs, resources), so the read/decode stage also declares the memory one
@@ -20,7 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ACTOR_CPUS_TARGET = 8  # CPUs per CPU-only actor before a node gets a second actor
+ACTOR_CPUS_TARGET = 1  # CPUs per CPU-only actor: single-threaded actors (module docstring)
+ACTOR_MEMORY = 1.5 * 2**30  # node memory per CPU-only actor (torch + models + a batch: ~1 GB)
 DECODE_CPUS = 0.25  # per read/decode task: decoding a batch is short and mostly single-threaded
 
 
@@ -30,6 +35,7 @@ class ClusterShape:
 
     node_cpus: tuple[float, ...]
     node_gpus: tuple[float, ...]
+    node_memory: tuple[float, ...] = ()  # bytes Ray may give tasks and actors; () = unknown
 
     @classmethod
     def from_ray(cls) -> ClusterShape:
@@ -39,6 +45,7 @@ class ClusterShape:
         return cls(
             tuple(float(n["Resources"].get("CPU", 0)) for n in nodes),
             tuple(float(n["Resources"].get("GPU", 0)) for n in nodes),
+            tuple(float(n["Resources"].get("memory", 0)) for n in nodes),
         )
 
 
@@ -101,7 +108,9 @@ def plan_resources(
     else:
         per_gpu = 0.0
         reserve = max(DECODE_CPUS, node / 8)
-        per_node = max(1, round(node / ACTOR_CPUS_TARGET))
+        per_node = max(1, round((node - reserve) / ACTOR_CPUS_TARGET))
+        if cluster.node_memory and min(cluster.node_memory) > 0:
+            per_node = max(1, min(per_node, int(min(cluster.node_memory) // ACTOR_MEMORY)))
         if request.cpus_per_actor is not None:
             cpus = request.cpus_per_actor
             if request.max_actors is None:

@@ -98,7 +98,7 @@ def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
 @click.option(
     "--actors",
     default=None,
-    help="Scoring actors: N or MIN:MAX; default: one per GPU, else one per 8 CPUs per node.",
+    help="Scoring actors: N or MIN:MAX; default: one per GPU, else one per CPU (memory allowing).",
 )
 @click.option(
     "--gpus-per-actor",

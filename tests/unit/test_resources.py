@@ -9,18 +9,31 @@ from pipeline.resources import ClusterShape, ResourceRequest, plan_resources
 MP = 64_000_000
 
 
-def test_two_cpus_one_actor_using_both_cores_and_a_separate_decode_share():
+def test_two_cpus_two_single_threaded_actors_and_a_separate_decode_share():
     plan = plan_resources(ResourceRequest(), ClusterShape((2.0,), (0.0,)), MP)
-    assert (plan.min_actors, plan.max_actors) == (1, 1)
-    assert plan.gpus_per_actor == 0 and plan.torch_threads == 2
-    assert plan.cpus_per_actor + plan.decode_cpus <= 2.0  # a decode task always fits beside it
+    assert (plan.min_actors, plan.max_actors, plan.cpus_per_actor) == (2, 2, 0.875)
+    assert plan.gpus_per_actor == 0 and plan.torch_threads == 1
+    # a decode task always fits beside the actors
+    assert plan.cpus_per_actor * 2 + plan.decode_cpus <= 2.0
     assert plan.decode_cpus != plan.cpus_per_actor and plan.decode_memory > 0
 
 
-def test_big_cpu_nodes_get_several_actors_each():
+def test_node_memory_caps_the_actors_and_their_threads_share_the_cpus():
+    small = ClusterShape((2.0,), (0.0,), (2.0 * 2**30,))  # room for one actor only
+    plan = plan_resources(ResourceRequest(), small, MP)
+    assert (plan.max_actors, plan.cpus_per_actor, plan.torch_threads) == (1, 1.75, 2)
+    roomy = ClusterShape((2.0,), (0.0,), (16.0 * 2**30,))
+    assert plan_resources(ResourceRequest(), roomy, MP).max_actors == 2
+
+
+def test_big_cpu_nodes_get_one_actor_per_cpu_within_their_memory():
     plan = plan_resources(ResourceRequest(), ClusterShape((32.0, 32.0), (0.0, 0.0)), MP)
-    assert plan.max_actors == 8 and plan.torch_threads == 8
-    assert plan.cpus_per_actor * 4 + plan.decode_cpus <= 32
+    assert plan.max_actors == 56 and plan.torch_threads == 1  # 28 per node: 32 less 4 reserved
+    assert plan.cpus_per_actor * 28 + plan.decode_cpus <= 32
+    capped = ClusterShape((32.0, 32.0), (0.0, 0.0), (15.0 * 2**30, 15.0 * 2**30))
+    plan = plan_resources(ResourceRequest(), capped, MP)
+    assert plan.max_actors == 20 and plan.torch_threads == 3  # 10 per node share its 32 CPUs
+    assert plan.cpus_per_actor * 10 + plan.decode_cpus <= 32
 
 
 def test_gpus_one_actor_per_gpu_and_nodes_without_gpus_do_not_count():
