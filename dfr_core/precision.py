@@ -110,9 +110,9 @@ class PrecisionSpec:
             return cls()
         backbone = data.get("backbone")
         return cls(
-            Precision(data.get("dtype", "fp32")),
+            _precision(data.get("dtype", "fp32")),
             data.get("device_kind"),
-            None if backbone is None else Precision(backbone),
+            None if backbone is None else _precision(backbone),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Whatever the user does not give is sized from the cluster (`ClusterShape.from_ra
   thread each, decode tasks of 0.25 CPU). Why not one multi-threaded actor: its intra-op
   threads meet at a barrier after every operation, so whenever a decode task or a Ray process
   takes a core, the other thread waits; measured on 2 cores (`benchmarks/throughput.py`), one
-  2-thread actor kept 65-80 % of the bare model's throughput, two 1-thread actors 94-103 %.
+  2-thread actor kept 65-80 % of the bare model's throughput, two 1-thread actors 98-116 %.
   Each actor holds torch and its models (~1 GB), so a node gets at most one actor per
   ``ACTOR_MEMORY`` of its Ray memory; the actors' torch threads then share the node's CPUs.
 
