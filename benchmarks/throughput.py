@@ -376,7 +376,11 @@ def child(args: argparse.Namespace) -> None:
     # Bare before and after the jobs, averaged: other load on a shared machine then biases
     # neither side of the ratio.
     before = _bare_in_child(args, local_listing, limit)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    # Ray started as the CLI starts its private local Ray (its object store size included)
+    from pipeline.ray_runtime import init_ray
+
+    init_ray("local", num_cpus=os.cpu_count())
+    store_mib = ray.cluster_resources()["object_store_memory"] / 2**20
     from pipeline.resources import ClusterShape, plan_resources
     from pipeline.score_job import resource_request
 
@@ -385,7 +389,7 @@ def child(args: argparse.Namespace) -> None:
         ClusterShape.from_ray(),
         _config(args.models, local_listing, "-", args, cache).max_pixels,
     )
-    result["resources"] = plan.describe()
+    result["resources"] = f"{plan.describe()}; object store {store_mib:.0f} MiB"
     for source in ("local", "s3"):
         listing = work / f"{source}-{args.case_n}.parquet"
         out = str(work / f"out-{source}-{args.case_n}")

@@ -111,29 +111,42 @@ def extract_regional(
     """Run the backbone once; pool fine layers, keep coarse layers at native resolution too.
 
     ``autocast_dtype`` (bf16/fp16) runs the backbone convolutions under autocast; pooling is
-    always fp32 (it is cheap and keeps the descriptors as exact as the maps allow).
+    always fp32 (it is cheap and keeps the descriptors as exact as the maps allow). The
+    returned maps are fp32 NCHW.
     """
     grid = extractor.grid_hw
     extractor.check_input(x)
     fine: list[torch.Tensor] = []
     coarse: dict[tuple[int, int], list[torch.Tensor]] = {}
     maps = extractor.backbone.iter_maps(x)
-    # The generator's convolutions run under autocast (it resumes inside the outer context);
-    # the pooling of each map runs with autocast off.
+    # The generator's convolutions run under autocast (it resumes inside the outer context).
+    # Each fine map is pooled at fp32 in its own memory format (channels_last from the
+    # backbone: no full-resolution NCHW copy); coarse maps are kept as they come.
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
         for fmap in maps:
-            with _autocast(x.device, None):
-                # channels_last maps (the backbone's fast layout) pool slowly: NCHW first
-                fmap = fmap.float().contiguous()
-                hw = (fmap.shape[-2], fmap.shape[-1])
-                if is_fine(hw, grid):
-                    fine.append(extractor.pooling.pool_one(fmap))
-                else:
-                    coarse.setdefault(hw, []).append(fmap)
+            hw = (fmap.shape[-2], fmap.shape[-1])
+            if is_fine(hw, grid):
+                with _autocast(x.device, None):
+                    fine.append(extractor.pooling.pool_one(fmap.float()))
+            else:
+                coarse.setdefault(hw, []).append(fmap)
     sizes = sorted(coarse, reverse=True)
-    natives = tuple(torch.cat(coarse[n], dim=1) for n in sizes)
-    empty = x.new_zeros(x.shape[0], 0, *grid, dtype=torch.float32)
-    return RegionalMaps(torch.cat(fine, dim=1) if fine else empty, natives)
+    natives = tuple(_stack_channels(coarse[n], x, n) for n in sizes)
+    return RegionalMaps(_stack_channels(fine, x, grid), natives)
+
+
+def _stack_channels(
+    parts: list[torch.Tensor], x: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    """Concatenate maps along channels into one contiguous fp32 NCHW tensor (the head reads
+    channel rows): one copy per part that converts dtype and memory format together."""
+    channels = sum(part.shape[1] for part in parts)
+    out = torch.empty(x.shape[0], channels, *hw, device=x.device, dtype=torch.float32)
+    start = 0
+    for part in parts:
+        out[:, start : start + part.shape[1]].copy_(part)
+        start += part.shape[1]
+    return out
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202

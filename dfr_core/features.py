@@ -50,6 +50,21 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def _is_channels_last(fmap: torch.Tensor) -> bool:
+    return not fmap.is_contiguous() and fmap.is_contiguous(memory_format=torch.channels_last)
+
+
+def _pool_channels_last(fmap: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) -> torch.Tensor:
+    """``mh . f . mw^T`` per channel of a channels_last map, as two plain GEMMs on its (H, W*C)
+    and (W, C) views: no transposing copy of the full-resolution map. Returns channels_last."""
+    b, c, h, w = fmap.shape
+    gh, gw = mh.shape[0], mw.shape[0]
+    nhwc = fmap.permute(0, 2, 3, 1)  # a view: (B, H, W, C) contiguous
+    rows = torch.matmul(mh, nhwc.reshape(b, h, w * c))  # (B, Gh, W*C)
+    out = torch.matmul(mw, rows.view(b * gh, w, c))  # (B*Gh, Gw, C)
+    return out.view(b, gh, gw, c).permute(0, 3, 1, 2)
+
+
 class RegionalPooling(nn.Module):
     """Resize a list of feature maps to one (H/pool, W/pool) grid of regional descriptors and
     concat. ``image_size``: N (square) or (H, W); each axis gets its own regional matrix."""
@@ -74,11 +89,15 @@ class RegionalPooling(nn.Module):
         return self._cache[key]
 
     def pool_one(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, Gh, Gw) in the input's memory format (NCHW or channels_last:
+        the backbone's fast layout is pooled as it is, never copied to NCHW first)."""
         h, w = fmap.shape[-2:]
         if (h, w) == self.input_hw:
             return F.avg_pool2d(fmap, self.pool, self.pool)  # upsampling is the identity here
         mh = self._matrix(h, fmap, 0)
         mw = self._matrix(w, fmap, 1)
+        if _is_channels_last(fmap):
+            return _pool_channels_last(fmap, mh, mw)
         return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:

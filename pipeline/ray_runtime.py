@@ -12,6 +12,11 @@ once (`ADDRESS_HELP`, docs/scaling.md):
 
 A process already connected (a test, the demo, a notebook) is left connected as it is.
 
+A private local Ray gets an object store sized for one job on this machine
+(`local_object_store_bytes`), not Ray's default of 30 % of RAM: the store's shared pages, once
+written, stay resident up to its high-water mark for as long as the command runs, and a scoring
+job streams its blocks through whatever room it is given (BENCHMARKS.md, "Throughput").
+
 Why it exists: a newcomer's successful ``dfr-pipeline train``/``score``/``demo`` must not print
 warnings they cannot act on. Ray 2.60 logs "Token authentication is enabled for this Ray
 cluster. Set RAY_AUTH_MODE=disabled to opt out" every time it starts a new local cluster with
@@ -41,6 +46,13 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 START_ATTEMPTS = 3
 STARTUP_TIMED_OUT = "timed out during startup"
 AUTO_ENABLED_NOTICE = "Token authentication is enabled for this Ray cluster"
+#: Object store of a private local Ray per CPU, and at least LOCAL_STORE_MIN: Ray Data keeps
+#: half of it for blocks in flight (a few decoded blocks per decode task and actor), which
+#: keeps every CPU busy (measured: BENCHMARKS.md, "Throughput"); never more than Ray's default.
+LOCAL_STORE_PER_CPU = 512 * 2**20
+LOCAL_STORE_MIN = 2**30
+#: Ray's own default share of RAM for the object store (ray_constants, 0.3)
+RAY_DEFAULT_STORE_SHARE = 0.3
 
 
 class _DropAutoEnabledNotice(logging.Filter):
@@ -60,11 +72,28 @@ def quiet_default_auth_notice() -> None:
         logger.addFilter(_NOTICE_FILTER)
 
 
+def local_object_store_bytes(
+    cpus: int | None = None, ram: int | None = None, shm: int | None = None
+) -> int | None:
+    """The object store for a private local Ray on this machine, or None for Ray's default
+    when that is smaller (a machine with little RAM for its CPUs). Also kept within /dev/shm,
+    as Ray's default is, so the store never falls back to a disk-backed file."""
+    cpus = cpus or os.cpu_count() or 1
+    ram = ram if ram is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if shm is None and os.path.isdir("/dev/shm"):
+        stat = os.statvfs("/dev/shm")
+        shm = stat.f_bavail * stat.f_frsize
+    cap = max(LOCAL_STORE_MIN, cpus * LOCAL_STORE_PER_CPU)
+    limit = min(RAY_DEFAULT_STORE_SHARE * ram, 0.95 * shm if shm else float("inf"))
+    return cap if cap < limit else None
+
+
 def init_ray(address: str | None, **kwargs: Any) -> bool:
     """``ray.init`` unless already connected; True when this call connected (caller shuts down).
 
     Extra keyword arguments go to ``ray.init``; ``include_dashboard=False`` and
-    ``logging_level=WARNING`` are the defaults.
+    ``logging_level=WARNING`` are the defaults, and a private local Ray's
+    ``object_store_memory`` is `local_object_store_bytes`.
     """
     import ray
 
@@ -75,6 +104,8 @@ def init_ray(address: str | None, **kwargs: Any) -> bool:
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
     local = address in (None, "local")
+    if local and "object_store_memory" not in kwargs:
+        kwargs["object_store_memory"] = local_object_store_bytes()
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             ray.init(address=address, **kwargs)

@@ -42,3 +42,18 @@ def test_native_resolution_equals_literal(size):
 def test_pooling_rejects_bad_size():
     with pytest.raises(ValueError, match="multiple of pool"):
         RegionalPooling(30, 4)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "hw"),
+    [(64, (64, 64)), (64, (32, 16)), ((96, 160), (48, 80)), ((96, 160), (12, 20))],
+)
+def test_channels_last_maps_pool_as_they_are(image_size, hw):
+    """The backbone's channels_last maps are pooled without an NCHW copy (two GEMMs on their
+    position-major views): same values as the NCHW pooling, still channels_last."""
+    pooling = RegionalPooling(image_size)
+    fmap = torch.randn(2, 24, *hw, generator=torch.Generator().manual_seed(1))
+    cl = fmap.contiguous(memory_format=torch.channels_last)
+    ours, ref = pooling.pool_one(cl), pooling.pool_one(fmap)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)

@@ -103,3 +103,25 @@ def test_a_local_start_is_retried_only_on_rays_startup_deadline(monkeypatch):
     with pytest.raises(Exception, match="timed out"):
         ray_runtime.init_ray("head:6379")
     assert len(calls) == 1  # joining a cluster is never retried
+
+
+def test_a_private_local_ray_gets_a_store_sized_for_the_machine(monkeypatch):
+    """Per CPU, at least 1 GiB, never above Ray's default (30 % of RAM) or /dev/shm; a cluster
+    join passes nothing (the cluster's store is the cluster's)."""
+    import ray
+
+    gib = 2**30
+    size = ray_runtime.local_object_store_bytes
+    assert size(cpus=2, ram=24 * gib, shm=12 * gib) == gib
+    assert size(cpus=8, ram=64 * gib, shm=32 * gib) == 4 * gib
+    assert size(cpus=64, ram=64 * gib, shm=32 * gib) is None  # Ray's default is smaller
+    assert size(cpus=8, ram=64 * gib, shm=2 * gib) is None  # a small /dev/shm: Ray's default
+    assert size(cpus=2, ram=2 * gib, shm=gib) is None
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_runtime, "local_object_store_bytes", lambda: 3 * gib)
+    ray_runtime.ensure_ray(None)
+    ray_runtime.ensure_ray("auto")
+    ray_runtime.ensure_ray(None, object_store_memory=gib)  # an explicit size wins
+    assert [c.get("object_store_memory", "-") for c in calls] == [3 * gib, "-", gib]
