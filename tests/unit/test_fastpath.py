@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dfr_core import fastpath
 from dfr_core.config import ModelConfig
 from dfr_core.fastpath import (
-    CHUNK_POSITIONS,
+    chunk_rows,
     extract_regional,
     fast_error_grid,
     folded_head,
@@ -75,6 +76,7 @@ def test_vgg19_12_error_grid_equals_reference(vgg19_12):
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     maps = extract_regional(extractor, x)
     assert [m.shape[-1] for m in maps.coarse] == [16]  # relu4_x: 16 x 16 under a 32 x 32 grid
+    assert chunk_rows(folded_head(head, extractor).width, 32) < 32  # several chunks per image
     _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
 
 
@@ -89,14 +91,21 @@ def test_pooled_means_in_reference_channel_order(vgg19_12):
 
 
 @pytest.mark.parametrize("feature_norm", ["channel", "none"])
-def test_default_backbone_outputs_equal_reference(mobilenet, feature_norm):
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 232 * 64 * 5])
+def test_default_backbone_outputs_equal_reference(
+    mobilenet, feature_norm, chunk_bytes, monkeypatch
+):
+    """The default head is narrow enough for one chunk per image; a small budget forces several
+    chunks of 5 grid rows (the last one shorter), which must give the same numbers."""
     config, extractor = mobilenet
+    if chunk_bytes is not None:
+        monkeypatch.setattr(fastpath, "CHUNK_BYTES", chunk_bytes)
+        assert chunk_rows(extractor.channels, 64) == 5
     config = ModelConfig(image_size=256, feature_norm=feature_norm)
     head = _head(config, extractor.channels, 40, seed=3)
     model = DFRModel(extractor, head).eval()
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (3, 256, 256, 3), generator=gen, dtype=torch.uint8)
-    assert (256 // 4) ** 2 > CHUNK_POSITIONS  # several position chunks per image
     with torch.no_grad():
         ref = model(normalize_batch(images))
     fast = forward_batch(model, images.numpy())
