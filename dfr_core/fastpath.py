@@ -32,10 +32,11 @@ from dfr_core.features import FeatureExtractor
 
 #: Bytes of the widest fp32 tensor of one chunk (head width x positions): about a quarter of a
 #: 32 MiB L3, so a chunk's product, difference and pooled bands stay in cache while its matmuls
-#: are still large. VGG19-12 at 256 px (3456 channels) gets 8 grid rows of 64, 512 positions:
-#: 13 % faster than 1,024 positions in bf16 and 3 % in fp32 (2-core AVX-512 dev machine), and
-#: half the head's working memory; narrow heads (the default backbone, 232 channels) take the
-#: whole 64 x 64 grid at once, as fast as 1,024-position chunks.
+#: are still large. VGG19-12 at 256 px (3456 channels) gets 8 grid rows of 64, 512 positions;
+#: narrow heads (the default backbone, 232 channels) take the whole 64 x 64 grid at once.
+#: Chosen by an in-process A/B on the 2-core AVX-512 dev machine: for VGG19-12, 512 positions
+#: beat 1,024 by 13 % in bf16 and 3 % in fp32 with half the head's working memory (256 was
+#: slower); for the default backbone, 4,096 matched 1,024 and 512 was 8-9 % slower.
 CHUNK_BYTES = 7 << 20
 
 

@@ -1,0 +1,144 @@
+"""How far the paper configuration's bf16 fast path is from its arithmetic floor here.
+
+    python benchmarks/speed_floor.py --rounds 5
+
+The model and protocol of `speed.py` (VGG19 relu1_1..relu4_4, 256 px, CAE latent d = 200,
+batch 1, two threads, random weights). In one process, alternating in every round:
+
+- **convs**: the backbone alone (convolutions and ReLUs up to relu4_4, bf16 autocast,
+  channels_last), no pooling;
+- **head GEMMs**: the fast path's matmuls alone for one image: the shapes, chunks and dtype
+  of `FoldedHead.error_grid` (the coarse layers' first layer at native resolution, then per
+  chunk the first layer's fine part, the middle layers and the last one), on fixed operands;
+- **full**: `extract_regional` + `FoldedHead.error_grid`, what `speed.py` times as fast-bf16.
+
+Printed per round and as medians: ms per image of each part, their multiply-adds and rates,
+and "rest" = full - convs - head GEMMs: everything that is neither a convolution nor one of
+the head's matmuls (regional pooling, the coarse bands, dtype conversions, additions, the
+squared error, Python). convs + head GEMMs is the floor of this arithmetic on this machine:
+no exact rearrangement of the same multiply-adds runs faster than the kernels that do them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from speed import VGG19_12  # the same layers as speed.py (this folder is on sys.path)
+
+from dfr_core.config import ModelConfig
+from dfr_core.device import prepare_for_device
+from dfr_core.fastpath import FoldedHead, chunk_rows, extract_regional, folded_head
+from dfr_core.model import DFRHead, build_extractor
+
+
+def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of every convolution one forward pass runs (counted by hooks)."""
+    total = 0
+
+    def hook(module: torch.nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += out.numel() * (module.in_channels // module.groups) * kh * kw
+
+    convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    with torch.no_grad():
+        for _ in backbone.iter_maps(x):
+            pass
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list, int]:
+    """The (weight, operand) pairs `FoldedHead.error_grid` multiplies for one image, and their
+    multiply-adds; operands are fixed random tensors of the right shapes and dtype."""
+    gh, g = fold.grid_hw
+    rows = chunk_rows(fold.width, g)
+    gen = torch.Generator().manual_seed(0)
+
+    def operand(k: int, n: int) -> torch.Tensor:
+        return torch.randn(k, n, generator=gen).to(fold.dtype)
+
+    pairs = [
+        (w, operand(w.shape[1], h * w_))
+        for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True)
+    ]
+    for r0 in range(0, gh, rows):
+        n = (min(r0 + rows, gh) - r0) * g
+        weights = [fold.w1_fine] + [layer.weight for layer in fold.middle] + [fold.w_last]
+        pairs += [(w, operand(w.shape[1], n)) for w in weights if w.shape[1]]
+    macs = sum(w.shape[0] * w.shape[1] * b.shape[1] for w, b in pairs)
+    return pairs, macs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--images", type=int, default=4, help="timed images per part and round")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=256)
+    extractor = build_extractor(config, allow_random_init=True).eval()
+    head = DFRHead(config, extractor.channels, 200).eval()
+    extractor = prepare_for_device(extractor, torch.device("cpu"))
+    x = torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16
+    fold = folded_head(head, extractor, dtype)
+    maps = extract_regional(extractor, x, dtype)
+    pairs, gemm_macs = head_gemms(fold, [tuple(m.shape[-2:]) for m in maps.coarse])
+    cmacs = conv_macs(extractor.backbone, x)
+
+    def convs() -> None:
+        with torch.autocast("cpu", dtype=dtype):
+            for _ in extractor.backbone.iter_maps(x):
+                pass
+
+    def gemms() -> None:
+        for w, b in pairs:
+            torch.matmul(w, b)
+
+    def full() -> None:
+        fold.error_grid(extract_regional(extractor, x, dtype))
+
+    parts = {"convs": convs, "head GEMMs": gemms, "full": full}
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    with torch.no_grad():
+        for fn in parts.values():
+            fn()  # warm-up
+        for r in range(args.rounds):
+            for name, fn in parts.items():
+                t0 = time.perf_counter()
+                for _ in range(args.images):
+                    fn()
+                times[name].append(1000 * (time.perf_counter() - t0) / args.images)
+            rest = times["full"][-1] - times["convs"][-1] - times["head GEMMs"][-1]
+            line = ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items())
+            print(f"round {r + 1}: {line}, rest {rest:.0f} ms", flush=True)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    split = zip(times["full"], times["convs"], times["head GEMMs"], strict=True)
+    rests = [f - c - g for f, c, g in split]
+    print(
+        f"\nVGG19-12, 256 px, d=200, bf16, batch 1, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.images} images (medians)"
+    )
+    print("| part | ms/image | GMAC/image | GMAC/s |")
+    print("|---|---|---|---|")
+    print(f"| convs | {med['convs']:.0f} | {cmacs / 1e9:.1f} | {cmacs / med['convs'] / 1e6:.0f} |")
+    print(
+        f"| head GEMMs | {med['head GEMMs']:.0f} | {gemm_macs / 1e9:.1f} | "
+        f"{gemm_macs / med['head GEMMs'] / 1e6:.0f} |"
+    )
+    floor = med["convs"] + med["head GEMMs"]
+    print(f"| floor (convs + head GEMMs) | {floor:.0f} | {(cmacs + gemm_macs) / 1e9:.1f} | - |")
+    print(f"| full fast-bf16 | {med['full']:.0f} | - | - |")
+    print(f"| rest (full - floor) | {statistics.median(rests):.0f} | - | - |")
+
+
+if __name__ == "__main__":
+    main()
