@@ -18,7 +18,9 @@ compare ratios within a round, not absolute times):
 - fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision).
 
 "peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
-path's folded weights count as model). VGG19 uses random weights (none ship offline); time and
+path's folded weights count as model); the kernel's high-water mark is reset at that point, so
+"peak RSS" is the computation's peak, not the model build's (building VGG19 peaks higher than
+the fast path ever does). VGG19 uses random weights (none ship offline); time and
 memory do not depend on weight values. The fp32 methods' outputs are compared with the
 reference's in the same child (max relative difference, printed).
 """

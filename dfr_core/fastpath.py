@@ -34,9 +34,10 @@ from dfr_core.features import FeatureExtractor
 #: 32 MiB L3, so a chunk's product, difference and pooled bands stay in cache while its matmuls
 #: are still large. VGG19-12 at 256 px (3456 channels) gets 8 grid rows of 64, 512 positions;
 #: narrow heads (the default backbone, 232 channels) take the whole 64 x 64 grid at once.
-#: Chosen by an in-process A/B on the 2-core AVX-512 dev machine: for VGG19-12, 512 positions
-#: beat 1,024 by 13 % in bf16 and 3 % in fp32 with half the head's working memory (256 was
-#: slower); for the default backbone, 4,096 matched 1,024 and 512 was 8-9 % slower.
+#: Chosen by an ad-hoc in-process A/B on the 2-core AVX-512 dev machine (not a committed
+#: benchmark): for VGG19-12, 512 positions were faster than 1,024 and 256, with half the
+#: head's working memory of 1,024; for the default backbone, the whole grid was as fast as
+#: 1,024 and 512 was slower. BENCHMARKS.md's figures are at this value.
 CHUNK_BYTES = 7 << 20
 
 
