@@ -9,7 +9,8 @@ batch 1, two threads, random weights). In one process, alternating in every roun
   channels_last), no pooling;
 - **head GEMMs**: the fast path's matmuls alone for one image: the shapes, chunks and dtype
   of `FoldedHead.error_grid` (the coarse layers' first layer at native resolution, then per
-  chunk the first layer's fine part, the middle layers and the last one), on fixed operands;
+  chunk the first layer's fine part, the middle layers and the last one, by channel group),
+  on fixed operands;
 - **full**: `extract_regional` + `FoldedHead.error_grid`, what `speed.py` times as fast-bf16.
 
 Printed per round and as medians: ms per image of each part, their multiply-adds and rates,
@@ -30,7 +31,7 @@ from speed import VGG19_12  # the same layers as speed.py (this folder is on sys
 
 from dfr_core.config import ModelConfig
 from dfr_core.device import prepare_for_device
-from dfr_core.fastpath import FoldedHead, chunk_rows, extract_regional, folded_head
+from dfr_core.fastpath import FoldedHead, channel_blocks, chunk_rows, extract_regional, folded_head
 from dfr_core.model import DFRHead, build_extractor
 
 
@@ -54,24 +55,33 @@ def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list, int]:
-    """The (weight, operand) pairs `FoldedHead.error_grid` multiplies for one image, and their
-    multiply-adds; operands are fixed random tensors of the right shapes and dtype."""
+    """The (operand, weight) pairs `FoldedHead.error_grid` multiplies for one image
+    (``operand @ weight.T``, positions as rows), and their multiply-adds; operands are fixed
+    random tensors of the right shapes and dtype."""
     gh, g = fold.grid_hw
     rows = chunk_rows(fold.width, g)
+    nf = fold.layout.n_fine
     gen = torch.Generator().manual_seed(0)
 
-    def operand(k: int, n: int) -> torch.Tensor:
-        return torch.randn(k, n, generator=gen).to(fold.dtype)
+    def operand(n: int, k: int) -> torch.Tensor:
+        return torch.randn(n, k, generator=gen).to(fold.dtype)
 
     pairs = [
-        (w, operand(w.shape[1], h * w_))
+        (operand(h * w_, w.shape[1]), w)
         for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True)
     ]
+    # the last layer in channel groups, as `FoldedHead._chunk` runs it: fine, then coarse blocks
+    groups = [(0, nf)] if nf else []
+    start = nf
+    for width in fold.layout.coarse_widths:
+        groups += [(start + lo, start + hi) for lo, hi in channel_blocks(width)]
+        start += width
     for r0 in range(0, gh, rows):
         n = (min(r0 + rows, gh) - r0) * g
-        weights = [fold.w1_fine] + [layer.weight for layer in fold.middle] + [fold.w_last]
-        pairs += [(w, operand(w.shape[1], n)) for w in weights if w.shape[1]]
-    macs = sum(w.shape[0] * w.shape[1] * b.shape[1] for w, b in pairs)
+        weights = [fold.w1_fine] + [layer.weight for layer in fold.middle]
+        weights += [fold.w_last[lo:hi] for lo, hi in groups]
+        pairs += [(operand(n, w.shape[1]), w) for w in weights if w.shape[1]]
+    macs = sum(w.shape[0] * w.shape[1] * x.shape[0] for x, w in pairs)
     return pairs, macs
 
 
@@ -100,8 +110,8 @@ def main() -> None:
                 pass
 
     def gemms() -> None:
-        for w, b in pairs:
-            torch.matmul(w, b)
+        for x, w in pairs:
+            torch.matmul(x, w.T)
 
     def full() -> None:
         fold.error_grid(extract_regional(extractor, x, dtype))

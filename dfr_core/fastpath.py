@@ -11,7 +11,10 @@ numbers (up to float rounding) come out of less arithmetic and memory, because:
   fewer positions. Layers of one native size share one R;
 - every later BatchNorm folds into its convolution;
 - positions are processed in chunks, so no full-width (C x S/4 x S/4) decoder output, difference
-  or square is ever held for the whole image: activation memory is bounded by the chunk.
+  or square is ever held for the whole image: activation memory is bounded by the chunk;
+- everything is position-major (channels_last, as the backbone's convolutions produce it): maps
+  are pooled and stacked without a transposing copy, a chunk is a contiguous range of rows, and
+  each regional band multiplies only the native rows its grid rows read (the operator is banded).
 
 (Expanding ``||W x + b - z||^2`` into a Gram term ``x^T W^T W x`` was measured on paper: for the
 paper's widths it costs more multiply-adds than the chunked direct form, 12.8 M against 12.1 M per
@@ -29,6 +32,13 @@ import torch
 from torch import nn
 
 from dfr_core.features import FeatureExtractor
+from dfr_core.regional_maps import (
+    RegionalMaps,
+    channel_layout,
+    extract_regional,
+    pooled_means,
+    row_support,
+)
 
 #: Bytes of the widest fp32 tensor of one chunk (head width x positions): about a quarter of a
 #: 32 MiB L3, so a chunk's product, difference and pooled bands stay in cache while its matmuls
@@ -37,140 +47,15 @@ from dfr_core.features import FeatureExtractor
 #: Chosen by an ad-hoc in-process A/B on the 2-core AVX-512 dev machine (not a committed
 #: benchmark): for VGG19-12, 512 positions were faster than 1,024 and 256, with half the
 #: head's working memory of 1,024; for the default backbone, the whole grid was as fast as
-#: 1,024 and 512 was slower. BENCHMARKS.md's figures are at this value.
+#: 1,024 and 512 was slower. Rechecked after the position-major rewrite (same kind of A/B):
+#: 256 positions were still about 5 % slower for VGG19-12. BENCHMARKS.md's figures are at
+#: this value.
 CHUNK_BYTES = 7 << 20
 
 
 def chunk_rows(width: int, grid_w: int) -> int:
     """Grid rows per chunk for a head whose widest layer has ``width`` channels."""
     return max(1, CHUNK_BYTES // (4 * width * grid_w))
-
-
-class RegionalMaps(NamedTuple):
-    """One backbone pass, shared by every head trained on that extractor.
-
-    ``fine``: (B, C_fine, Gh, Gw) pooled features of the layers at or finer than the grid;
-    ``coarse``: per native size (h, w), the (B, c_n, h, w) maps of the layers coarser than the grid
-    (mapped onto the grid band by band, never whole: see `FoldedHead.error_grid`).
-    Channel order: fine layers then coarse layers grouped by native size (see `_layout`).
-    """
-
-    fine: torch.Tensor
-    coarse: tuple[torch.Tensor, ...]
-
-
-class _Layout(NamedTuple):
-    """Where each backbone layer's channels go in the fast path's channel order."""
-
-    order: torch.Tensor  # permutation: fast-path channel k is the reference's channel order[k]
-    n_fine: int
-    coarse_sizes: tuple[tuple[int, int], ...]  # native (h, w) of the coarse groups, in order
-    coarse_widths: tuple[int, ...]  # channels per coarse group
-
-
-def layer_sizes(extractor: FeatureExtractor) -> list[tuple[int, int]]:
-    """Native (h, w) of each layer's map for an input of input_hw (ceil for odd strides)."""
-    height, width = extractor.input_hw
-    strides = [layer.stride for layer in extractor.backbone.layers]
-    return [(-(-height // s), -(-width // s)) for s in strides]
-
-
-def is_fine(hw: tuple[int, int], grid_hw: tuple[int, int]) -> bool:
-    """A map at least as fine as the grid on both axes is pooled at once; any other stays at
-    native resolution (the coarse path is exact for any linear regional operator)."""
-    return hw[0] >= grid_hw[0] and hw[1] >= grid_hw[1]
-
-
-def _layout(extractor: FeatureExtractor) -> _Layout:
-    grid = extractor.grid_hw
-    fine: list[int] = []
-    groups: dict[tuple[int, int], list[int]] = {}
-    start = 0
-    for layer, n in zip(extractor.backbone.layers, layer_sizes(extractor), strict=True):
-        idx = list(range(start, start + layer.channels))
-        start += layer.channels
-        if is_fine(n, grid):
-            fine += idx
-        else:
-            groups.setdefault(n, []).extend(idx)
-    sizes = tuple(sorted(groups, reverse=True))
-    order = fine + [i for n in sizes for i in groups[n]]
-    return _Layout(torch.tensor(order), len(fine), sizes, tuple(len(groups[n]) for n in sizes))
-
-
-def pooled_means(extractor: FeatureExtractor, maps: RegionalMaps) -> torch.Tensor:
-    """(B, C) position-means of the regional features, in the reference channel order.
-
-    Equals ``extractor(x).mean(dim=(2, 3))`` (the global score term's input) without building
-    the coarse layers' full (B, c, Gh, Gw) maps: the grid mean of ``Mh f Mw^T`` is
-    ``ah^T f aw`` with ``ah``, ``aw`` the column means of the two axes' regional operators.
-    """
-    parts = [maps.fine.mean(dim=(2, 3))]
-    pooling = extractor.pooling
-    for fmap in maps.coarse:
-        ah = pooling._matrix(fmap.shape[-2], fmap, 0).mean(dim=0)
-        aw = pooling._matrix(fmap.shape[-1], fmap, 1).mean(dim=0)
-        parts.append(torch.einsum("bchw,h,w->bc", fmap, ah, aw))
-    means = torch.cat(parts, dim=1)
-    out = torch.empty_like(means)
-    out[:, _layout(extractor).order.to(means.device)] = means
-    return out
-
-
-def extract_regional(
-    extractor: FeatureExtractor, x: torch.Tensor, autocast_dtype: torch.dtype | None = None
-) -> RegionalMaps:
-    """Run the backbone once; pool fine layers, keep coarse layers at native resolution too.
-
-    ``autocast_dtype`` (bf16/fp16) runs the backbone convolutions under autocast; pooling is
-    always fp32 (it is cheap and keeps the descriptors as exact as the maps allow). The
-    returned maps are fp32 NCHW.
-    """
-    grid = extractor.grid_hw
-    extractor.check_input(x)
-    n_fine = _layout(extractor).n_fine
-    fine = torch.empty(x.shape[0], n_fine, *grid, device=x.device, dtype=torch.float32)
-    start = 0
-    coarse: dict[tuple[int, int], list[torch.Tensor]] = {}
-    maps = extractor.backbone.iter_maps(x)
-    # The generator's convolutions run under autocast (it resumes inside the outer context).
-    # Each fine map is pooled at fp32 in its own memory format (channels_last from the
-    # backbone: no full-resolution NCHW copy) straight into its channels of the output (no
-    # list of pooled maps to concatenate: that copy doubled the peak); coarse maps are kept
-    # as they come.
-    with torch.no_grad(), _autocast(x.device, autocast_dtype):
-        for fmap in maps:
-            hw = (fmap.shape[-2], fmap.shape[-1])
-            if is_fine(hw, grid):
-                with _autocast(x.device, None):
-                    pooled = extractor.pooling.pool_one(fmap.float())
-                fine[:, start : start + pooled.shape[1]].copy_(pooled)
-                start += pooled.shape[1]
-            else:
-                coarse.setdefault(hw, []).append(fmap)
-    sizes = sorted(coarse, reverse=True)
-    natives = tuple(_stack_channels(coarse[n], x, n) for n in sizes)
-    return RegionalMaps(fine, natives)
-
-
-def _stack_channels(
-    parts: list[torch.Tensor], x: torch.Tensor, hw: tuple[int, int]
-) -> torch.Tensor:
-    """Concatenate maps along channels into one contiguous fp32 NCHW tensor (the head reads
-    channel rows): one copy per part that converts dtype and memory format together."""
-    channels = sum(part.shape[1] for part in parts)
-    out = torch.empty(x.shape[0], channels, *hw, device=x.device, dtype=torch.float32)
-    start = 0
-    for part in parts:
-        out[:, start : start + part.shape[1]].copy_(part)
-        start += part.shape[1]
-    return out
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
-    if dtype is None or dtype == torch.float32:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class _Linear(NamedTuple):
@@ -205,13 +90,6 @@ def _fold_cae(cae: nn.Module) -> list[_Linear]:
     return [_Linear(w, b[:, None], relu) for w, b, relu in layers]
 
 
-def _add_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp32 ``a + b`` for an fp32 ``b``: in place when ``a`` is fp32 already; for a bf16/fp16
-    ``a`` one promoting add (a.float() + b, bit for bit) rather than a copy and then an add:
-    one pass less over the head's widest tensors."""
-    return a.add_(b) if a.dtype == torch.float32 else torch.add(a, b)
-
-
 class FoldedHead:
     """A DFRHead's eval-mode computation rearranged for the fast path (weights folded once).
 
@@ -222,7 +100,7 @@ class FoldedHead:
     def __init__(
         self, head: nn.Module, extractor: FeatureExtractor, dtype: torch.dtype = torch.float32
     ) -> None:
-        layout = _layout(extractor)
+        layout = channel_layout(extractor)
         self.layout, self.dtype, self.grid_hw = layout, dtype, extractor.grid_hw
         self.pooling = extractor.pooling
         channels = int(layout.order.numel())
@@ -243,28 +121,35 @@ class FoldedHead:
         b1 = first.bias - w1 @ mean[:, None]
         nf = layout.n_fine
         cast = dict(device=device, dtype=dtype)
+        # Weights are kept (out, in) and used transposed: positions are rows (x @ W^T).
         self.w1_fine = w1[:, :nf].to(**cast).contiguous()
         self.w1_coarse = [
             part.to(**cast).contiguous() for part in w1[:, nf:].split(layout.coarse_widths, dim=1)
         ]
-        self.b1 = b1.float()
+        self.b1 = b1.flatten().float()
         self.first_relu = first.relu
         self.middle = [
-            _Linear(x.weight.to(**cast).contiguous(), x.bias.to(**cast), x.relu)
+            _Linear(x.weight.to(**cast).contiguous(), x.bias.flatten().to(**cast), x.relu)
             for x in layers[1:-1]
         ]
         self.w_last = last.weight[order].to(**cast).contiguous()
         # reconstruction - z = W h + b - (f - m) s = W h + (b + m s) - f s
-        self.b_last = (last.bias.flatten() + mean * inv_std)[:, None].float()
-        self.inv_std = inv_std[:, None].float()
+        self.b_last = (last.bias.flatten() + mean * inv_std).float()
+        self.inv_std = inv_std.float()
         self.channels = channels
         self.width = max([channels] + [int(layer.weight.shape[0]) for layer in layers])
 
-    def _band(self, native: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """Grid rows r0:r1 of the regional operator applied to (c, h, w): (c, (r1-r0)*Gw)."""
-        mh = self.pooling._matrix(native.shape[-2], native, 0)
-        mw = self.pooling._matrix(native.shape[-1], native, 1)
-        return torch.matmul(torch.matmul(mh[r0:r1], native), mw.T).flatten(1)
+    def _band(self, native: torch.Tensor, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
+        """Grid rows r0:r1 of the regional operator applied to channels lo:hi of a
+        position-major (h, w, c) map: ((r1-r0)*Gw, hi-lo) fp32. Only the native rows these grid
+        rows read are converted (a bf16/fp16 map) and enter the first GEMM."""
+        h, w, _ = native.shape
+        k0, k1 = row_support(h, self.pooling.input_hw[0], self.pooling.pool, r0, r1)
+        band = native[k0:k1, :, lo:hi].float().contiguous()
+        mh = self.pooling._matrix(h, band, 0)[r0:r1, k0:k1]
+        mw = self.pooling._matrix(w, band, 1)
+        rows = torch.matmul(mh, band.view(k1 - k0, -1))  # (r, w*c)
+        return torch.matmul(mw, rows.view(r1 - r0, w, hi - lo)).view(-1, hi - lo)  # (r*Gw, c)
 
     def _chunk(
         self,
@@ -276,35 +161,41 @@ class FoldedHead:
     ) -> torch.Tensor:
         """Error of grid rows r0:r1 of one image -> ((r1-r0)*G,) fp32.
 
-        ``fine``: (C_fine, Gh*Gw) pooled; ``coarse``: per native size, (c_n, h, w) maps;
-        ``first_coarse``: per native size, the first layer's (H1, h, w) contribution at native
-        resolution. Only this band's rows are mapped onto the grid.
+        ``fine``: (Gh*Gw, C_fine) pooled; ``coarse``: per native size, (h, w, c_n) maps;
+        ``first_coarse``: per native size, the first layer's (h, w, H1) contribution at native
+        resolution. All position-major; only this band's rows are mapped onto the grid.
         """
         g, nf = self.grid_hw[1], self.layout.n_fine
-        fine = fine[:, r0 * g : r1 * g]
-        h = (self.w1_fine @ fine.to(self.dtype)) if nf else None
+        fine = fine[r0 * g : r1 * g]
+        if nf:
+            h = _affine_fp32(fine.to(self.dtype), self.w1_fine, self.b1)
+        else:
+            h = self.b1.repeat((r1 - r0) * g, 1)
         for part in first_coarse:
-            band = self._band(part, r0, r1)
-            h = band if h is None else _add_fp32(h, band)
-        h = _add_fp32(h, self.b1)
+            for lo, hi in channel_blocks(part.shape[-1]):
+                h[:, lo:hi].add_(self._band(part, r0, r1, lo, hi))
         if self.first_relu:
             h = h.relu_()
         h = h.to(self.dtype)
         for layer in self.middle:
-            h = torch.addmm(layer.bias, layer.weight, h)
+            h = torch.addmm(layer.bias, h, layer.weight.T)
             if layer.relu:
                 h = h.relu_()
-        diff = _add_fp32(self.w_last @ h, self.b_last)
-        # minus the standardised target, fine rows then each coarse group (no concatenation)
-        diff[:nf].addcmul_(fine, self.inv_std[:nf], value=-1.0)
+        # the last layer one channel group at a time (fine, then coarse blocks), minus that
+        # group's standardised target: only one group's difference is ever held
+        err = self._group_error(h, fine, 0, nf) if nf else torch.zeros_like(h[:, 0]).float()
         start = nf
         for native in coarse:
-            stop = start + native.shape[0]
-            diff[start:stop].addcmul_(
-                self._band(native, r0, r1), self.inv_std[start:stop], value=-1.0
-            )
-            start = stop
-        return diff.pow_(2).sum(dim=0).div_(self.channels)
+            for lo, hi in channel_blocks(native.shape[-1]):
+                band = self._band(native, r0, r1, lo, hi)
+                err.add_(self._group_error(h, band, start + lo, start + hi))
+            start += native.shape[-1]
+        return err.div_(self.channels)
+
+    def _group_error(self, h: torch.Tensor, target: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Squared error summed over channels lo:hi: ``||W h + b - target * s||^2`` per row."""
+        diff = _affine_fp32(h, self.w_last[lo:hi], self.b_last[lo:hi])
+        return diff.addcmul_(target, self.inv_std[lo:hi], value=-1.0).pow_(2).sum(dim=1)
 
     @torch.no_grad()
     def error_grid(self, maps: RegionalMaps) -> torch.Tensor:
@@ -313,19 +204,43 @@ class FoldedHead:
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
         rows = chunk_rows(self.width, g)
-        out = torch.empty(b, gh, g, device=maps.fine.device)
+        out = torch.empty(b, gh * g, device=maps.fine.device)
         for i in range(b):
-            fine = maps.fine[i].flatten(1)
-            coarse = [m[i] for m in maps.coarse]
+            fine = _positions(maps.fine[i]).flatten(0, 1)
+            coarse = [_positions(m[i]) for m in maps.coarse]
             # the widest matmul, on the coarse layers' native positions (exact: R is linear)
+            # (kept in the compute dtype the GEMM returns: converted band by band, in _band)
             first = [
-                (w @ m.flatten(1).to(self.dtype)).float().view(-1, *m.shape[-2:])
+                (m.flatten(0, 1).to(self.dtype) @ w.T).view(*m.shape[:2], -1)
                 for w, m in zip(self.w1_coarse, coarse, strict=True)
             ]
             for r0 in range(0, gh, rows):
                 r1 = min(r0 + rows, gh)
-                out[i, r0:r1] = self._chunk(fine, coarse, first, r0, r1).view(r1 - r0, g)
-        return out
+                out[i, r0 * g : r1 * g] = self._chunk(fine, coarse, first, r0, r1)
+        return out.view(b, gh, g)
+
+
+#: Channels of a coarse map mapped onto the grid at a time (VGG19-12: one relu4_x layer):
+#: bounds a band's fp32 rows and products to rows x 512, a few MiB, within a chunk.
+BAND_CHANNELS = 512
+
+
+def channel_blocks(channels: int) -> list[tuple[int, int]]:
+    """The (lo, hi) channel ranges, BAND_CHANNELS wide, a coarse map is handled in."""
+    return [(lo, min(lo + BAND_CHANNELS, channels)) for lo in range(0, channels, BAND_CHANNELS)]
+
+
+def _positions(fmap: torch.Tensor) -> torch.Tensor:
+    """(c, h, w) -> position-major (h, w, c): a view of a channels_last map, else one copy."""
+    return fmap.permute(1, 2, 0).contiguous()
+
+
+def _affine_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ weight^T + bias`` for an fp32 ``bias``: at fp32 one GEMM that adds the bias as
+    it writes; at bf16/fp16 the product in that dtype, then one promoting add."""
+    if x.dtype == torch.float32:
+        return torch.addmm(bias, x, weight.T)
+    return torch.add(x @ weight.T, bias)
 
 
 def _state_key(head: nn.Module, dtype: torch.dtype) -> tuple:
@@ -366,5 +281,6 @@ __all__ = [
     "extract_regional",
     "fast_error_grid",
     "folded_head",
+    "pooled_means",
     "reference_error_grid",
 ]

@@ -65,6 +65,13 @@ def _pool_channels_last(fmap: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) 
     return out.view(b, gh, gw, c).permute(0, 3, 1, 2)
 
 
+def apply_regional(fmap: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) -> torch.Tensor:
+    """``mh . f . mw^T`` per channel of (B, C, H, W), in the input's memory format."""
+    if _is_channels_last(fmap):
+        return _pool_channels_last(fmap, mh, mw)
+    return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
+
+
 class RegionalPooling(nn.Module):
     """Resize a list of feature maps to one (H/pool, W/pool) grid of regional descriptors and
     concat. ``image_size``: N (square) or (H, W); each axis gets its own regional matrix."""
@@ -94,11 +101,7 @@ class RegionalPooling(nn.Module):
         h, w = fmap.shape[-2:]
         if (h, w) == self.input_hw:
             return F.avg_pool2d(fmap, self.pool, self.pool)  # upsampling is the identity here
-        mh = self._matrix(h, fmap, 0)
-        mw = self._matrix(w, fmap, 1)
-        if _is_channels_last(fmap):
-            return _pool_channels_last(fmap, mh, mw)
-        return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
+        return apply_regional(fmap, self._matrix(h, fmap, 0), self._matrix(w, fmap, 1))
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([self.pool_one(m.float()) for m in maps], dim=1)

@@ -38,12 +38,14 @@ def _vgg19_layers() -> tuple[tuple[LayerInfo, ...], dict[str, int]]:
 
 
 class _VGG19Features(nn.Module):
-    """torchvision's vgg19 `features` only, with non-inplace ReLUs.
+    """torchvision's vgg19 `features` only.
 
     Built here rather than via torchvision.models.vgg19() to skip the 120M-parameter classifier
     (seconds of init and ~500 MB) that DFR never uses. Module indices, and therefore state-dict
-    keys (`features.N.weight`), are identical to torchvision's. ReLUs are not inplace so that a
-    returned map can never be modified by a later op.
+    keys (`features.N.weight`), are identical to torchvision's. ReLUs run in place, as
+    torchvision's do: each follows its convolution, whose output nothing else holds, so no
+    returned map (always a ReLU's output) is ever modified by a later op, and no map-sized
+    copy is made per layer.
     """
 
     def __init__(self) -> None:
@@ -58,7 +60,7 @@ class _VGG19Features(nn.Module):
                 # torchvision's VGG init, so a random-init backbone matches vgg19(weights=None)
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
-                mods += [conv, nn.ReLU(inplace=False)]
+                mods += [conv, nn.ReLU(inplace=True)]
                 in_ch = int(item)
         self.features = nn.Sequential(*mods)
 

@@ -168,17 +168,16 @@ def vgg19_reference(
 
 def test_vgg19_loads_full_torchvision_state_dict(vgg19_reference) -> None:
     path, model = vgg19_reference
-    bb = build_backbone("vgg19", ["relu1_1", "relu3_1"], weights_path=path)
+    bb = build_backbone("vgg19", ["relu1_1", "relu1_2", "relu3_1"], weights_path=path)
     assert bb.weights_source == str(path)
     assert bb.weights_sha256 == sha256_file(path)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        outs = bb(x)
+        outs = bb(x)  # all maps held: our in-place ReLUs never modify an earlier map
         # torchvision's own (inplace-ReLU) features give the same maps
-        ref1 = model.features[:2](x.clone()).clone()
-        ref3 = model.features[:12](x.clone())
-    torch.testing.assert_close(outs[0], ref1)
-    torch.testing.assert_close(outs[1], ref3)
+        refs = [model.features[:n](x.clone()).clone() for n in (2, 4, 12)]
+    for out, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(out, ref)
 
 
 def test_checkpoint_wrapped_under_state_dict(vgg19_reference, tmp_path: pathlib.Path) -> None:

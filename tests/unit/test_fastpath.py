@@ -21,10 +21,12 @@ from dfr_core.fastpath import (
     pooled_means,
     reference_error_grid,
 )
+from dfr_core.features import regional_matrix
 from dfr_core.inference import extract, forward_batch, head_output
 from dfr_core.model import DFRHead, DFRModel, build_extractor
 from dfr_core.precision import PrecisionSpec
 from dfr_core.preprocess import normalize_batch
+from dfr_core.regional_maps import row_support
 
 VGG19_12 = (
     "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
@@ -88,6 +90,33 @@ def test_pooled_means_in_reference_channel_order(vgg19_12):
     with torch.no_grad():
         ref = extractor(x).mean(dim=(2, 3))
     torch.testing.assert_close(pooled_means(extractor, extract_regional(extractor, x)), ref)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_maps_are_channels_last_at_the_backbone_precision(vgg19_12, dtype):
+    """The head reads position rows: both map kinds are channels_last; a bf16 backbone's maps
+    are stored in bf16 (the fine ones pooled at fp32 first), an fp32 backbone's in fp32."""
+    _, extractor = vgg19_12
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    maps = extract_regional(extractor, x, dtype)
+    for fmap in (maps.fine, *maps.coarse):
+        assert fmap.dtype == (dtype or torch.float32)
+        assert fmap.is_contiguous(memory_format=torch.channels_last)
+    if dtype is not None:  # pooled at fp32, then rounded once to the storage precision
+        ref = extract_regional(extractor, x).fine
+        torch.testing.assert_close(maps.fine.float(), ref, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("n_in", [16, 32, 64, 128])
+def test_row_support_is_exactly_the_nonzero_columns(n_in):
+    """A band of grid rows reads native rows [k0, k1) only: the rows outside are all zero in
+    the regional operator, the two ends are not."""
+    mat = regional_matrix(n_in, 128, 4)
+    for r0, r1 in [(0, 8), (8, 16), (24, 32), (5, 6)]:
+        k0, k1 = row_support(n_in, 128, 4, r0, r1)
+        band = mat[r0:r1]
+        assert not band[:, :k0].any() and not band[:, k1:].any()
+        assert band[:, k0].any() and band[:, k1 - 1].any()
 
 
 @pytest.mark.parametrize("feature_norm", ["channel", "none"])
