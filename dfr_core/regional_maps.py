@@ -156,10 +156,15 @@ def _pool_into(pooling: RegionalPooling, fmap: torch.Tensor, out: torch.Tensor) 
     for g0 in range(0, gh, POOL_ROWS):
         g1 = min(g0 + POOL_ROWS, gh)
         k0, k1 = row_support(n_in, pooling.input_hw[0], pooling.pool, g0, g1)
-        rows = fmap[:, :, k0:k1].float()
+        rows = fmap[:, :, k0:k1]
         if (n_in, fmap.shape[-1]) == pooling.input_hw:  # upsampling is the identity here
+            # avg_pool2d accumulates bf16/fp16 at fp32 and rounds once: stored at that
+            # precision anyway, no fp32 copy of the rows is needed (same bits)
+            if rows.dtype != out.dtype:
+                rows = rows.float()
             out[:, :, g0:g1].copy_(F.avg_pool2d(rows, pooling.pool, pooling.pool))
             continue
+        rows = rows.float()
         mh = pooling._matrix(n_in, rows, 0)[g0:g1, k0:k1]
         mw = pooling._matrix(fmap.shape[-1], rows, 1)
         out[:, :, g0:g1].copy_(apply_regional(rows, mh, mw))
