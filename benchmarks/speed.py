@@ -53,6 +53,23 @@ def _rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
+def _release_free_heap() -> None:
+    """Return the heap's free pages to the kernel (glibc ``malloc_trim(0)``), so that memory
+    the model build freed, which the allocator would otherwise keep and reuse, is not already
+    resident when the baseline is read: every byte of the computation's peak is then counted.
+    A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def _reset_peak_rss() -> None:
     """Start the peak-RSS high-water mark afresh (Linux: ``clear_refs`` 5), so that the
     transient memory of building the model (the whole VGG19 is built, then cut at relu4_4) is
@@ -125,6 +142,7 @@ def child(method: str, images: int, batch: int, size: int, latent: int, threads:
     else:
         run = reference
 
+    _release_free_heap()  # what building freed must not be counted as room for activations
     base = _rss_mb()  # the model and input are built; everything above this is activations
     _reset_peak_rss()
     with torch.no_grad():

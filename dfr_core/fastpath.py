@@ -237,10 +237,11 @@ def _positions(fmap: torch.Tensor) -> torch.Tensor:
 
 def _affine_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ weight^T + bias`` for an fp32 ``bias``: at fp32 one GEMM that adds the bias as
-    it writes; at bf16/fp16 the product in that dtype, then one promoting add."""
+    it writes; at bf16/fp16 the product in that dtype, converted, then the bias."""
     if x.dtype == torch.float32:
         return torch.addmm(bias, x, weight.T)
-    return torch.add(x @ weight.T, bias)
+    # convert, then add in place: a promoting ``torch.add`` would hold a converted copy as well
+    return (x @ weight.T).float().add_(bias)
 
 
 def _state_key(head: nn.Module, dtype: torch.dtype) -> tuple:

@@ -111,29 +111,32 @@ def extract_regional(
     """
     grid = extractor.grid_hw
     extractor.check_input(x)
-    n_fine = channel_layout(extractor).n_fine
+    layout = channel_layout(extractor)
     # pooled at fp32, stored at the backbone's precision (a bf16 backbone: bf16 features)
     dtype = autocast_dtype or torch.float32
-    fine = _channels_last(x.shape[0], n_fine, grid, x.device, dtype)
-    start = 0
-    coarse: dict[tuple[int, int], list[torch.Tensor]] = {}
-    maps = extractor.backbone.iter_maps(x)
+    fine = _channels_last(x.shape[0], layout.n_fine, grid, x.device, dtype)
+    widths = dict(zip(layout.coarse_sizes, layout.coarse_widths, strict=True))
+    coarse: dict[tuple[int, int], torch.Tensor] = {}
+    start = {"fine": 0, **{hw: 0 for hw in widths}}
     # The generator's convolutions run under autocast (it resumes inside the outer context).
-    # Each fine map is pooled at fp32, a band of grid rows at a time, straight into its channels
-    # of the output: neither a whole fp32 copy of a full-resolution map nor a list of pooled
-    # maps to concatenate is ever held. Coarse maps are kept as they come.
+    # Each map goes straight into its channels of its output as it comes (no list of maps to
+    # concatenate: each is freed once the next layer has read it): a fine map pooled at fp32,
+    # a band of grid rows at a time (never a whole fp32 copy of a full-resolution map), a
+    # coarse map copied as it is into the stack of its native size.
     with torch.no_grad(), autocast_to(x.device, autocast_dtype):
-        for fmap in maps:
+        for fmap in extractor.backbone.iter_maps(x):
             hw = (fmap.shape[-2], fmap.shape[-1])
-            if is_fine(hw, grid):
+            key = "fine" if is_fine(hw, grid) else hw
+            lo = start[key]
+            start[key] += fmap.shape[1]
+            if key == "fine":
                 with autocast_to(x.device, None):
-                    _pool_into(extractor.pooling, fmap, fine[:, start : start + fmap.shape[1]])
-                start += fmap.shape[1]
-            else:
-                coarse.setdefault(hw, []).append(fmap)
-    sizes = sorted(coarse, reverse=True)
-    natives = tuple(_stack_channels(coarse[n], x, n) for n in sizes)
-    return RegionalMaps(fine, natives)
+                    _pool_into(extractor.pooling, fmap, fine[:, lo : start[key]])
+                continue
+            if hw not in coarse:
+                coarse[hw] = _channels_last(x.shape[0], widths[hw], hw, x.device, fmap.dtype)
+            coarse[hw][:, lo : start[key]].copy_(fmap)
+    return RegionalMaps(fine, tuple(coarse[hw] for hw in layout.coarse_sizes))
 
 
 def _channels_last(
@@ -175,21 +178,6 @@ def row_support(n_in: int, size: int, pool: int, r0: int, r1: int) -> tuple[int,
     """The native rows [k0, k1) that grid rows [r0, r1) of the regional operator read."""
     nonzero = (regional_matrix(n_in, size, pool)[r0:r1] != 0).any(dim=0).nonzero().flatten()
     return int(nonzero[0]), int(nonzero[-1]) + 1
-
-
-def _stack_channels(
-    parts: list[torch.Tensor], x: torch.Tensor, hw: tuple[int, int]
-) -> torch.Tensor:
-    """Concatenate maps along channels into one channels_last tensor of their dtype (the head
-    reads position rows, and converts a band's rows to fp32 as it reads them): one copy per part
-    (that converts the layout, if it differs)."""
-    channels = sum(part.shape[1] for part in parts)
-    out = _channels_last(x.shape[0], channels, hw, x.device, parts[0].dtype)
-    start = 0
-    for part in parts:
-        out[:, start : start + part.shape[1]].copy_(part)
-        start += part.shape[1]
-    return out
 
 
 def autocast_to(device: torch.device, dtype: torch.dtype | None):  # noqa: ANN202
