@@ -1,9 +1,10 @@
 """One backbone pass, pooled for the fast path: `RegionalMaps` and how they are made.
 
-The fine layers (at least as fine as the S/4 grid) are pooled onto the grid at once, a band of
-grid rows at a time; the coarse layers are kept at native resolution, stacked per native size,
-so that a head applies linear maps before the regional operator (`dfr_core.fastpath`). Both
-are channels_last (position-major): the backbone's layout, so no map is ever transposed.
+The fine layers (at least as fine as the S/4 grid) are pooled onto the grid as the backbone
+yields them, a band of grid rows at a time; the coarse layers are kept at native resolution,
+stacked per native size, so that a head applies linear maps before the regional operator
+(`dfr_core.fastpath`). Both are channels_last (position-major): the backbone's layout, so no
+map is ever transposed.
 """
 
 from __future__ import annotations
