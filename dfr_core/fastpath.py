@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dfr_core.features import FeatureExtractor
+from dfr_core.features import FeatureExtractor, apply_regional
 from dfr_core.regional_maps import (
     RegionalMaps,
     channel_layout,
@@ -145,11 +145,12 @@ class FoldedHead:
         rows read are converted (a bf16/fp16 map) and enter the first GEMM."""
         h, w, _ = native.shape
         k0, k1 = row_support(h, self.pooling.input_hw[0], self.pooling.pool, r0, r1)
-        band = native[k0:k1, :, lo:hi].float().contiguous()
+        band = native[k0:k1, :, lo:hi].float().contiguous()  # (k, w, c)
         mh = self.pooling._matrix(h, band, 0)[r0:r1, k0:k1]
         mw = self.pooling._matrix(w, band, 1)
-        rows = torch.matmul(mh, band.view(k1 - k0, -1))  # (r, w*c)
-        return torch.matmul(mw, rows.view(r1 - r0, w, hi - lo)).view(-1, hi - lo)  # (r*Gw, c)
+        # as a (1, c, k, w) channels_last map: the pooling's own two GEMMs, no copy either way
+        pooled = apply_regional(band.permute(2, 0, 1).unsqueeze(0), mh, mw)
+        return pooled.permute(0, 2, 3, 1).reshape(-1, hi - lo)  # (r*Gw, c)
 
     def _chunk(
         self,
