@@ -151,7 +151,7 @@ def throughput(device, deadline: float) -> None:  # noqa: ANN001
     import torch
 
     from dfr_core.config import ModelConfig
-    from dfr_core.device import prepare_for_device
+    from dfr_core.inference import prepare_extractor
     from dfr_core.model import DFRHead, build_extractor
     from dfr_core.precision import PrecisionSpec
 
@@ -164,10 +164,13 @@ def throughput(device, deadline: float) -> None:  # noqa: ANN001
     ]
     specs = [PrecisionSpec(), PrecisionSpec.for_device(reduced_precision(), device)]
     for name, config, latent, random_init in cases:
-        extractor = build_extractor(config, allow_random_init=random_init).eval()
-        extractor = prepare_for_device(extractor, device)
-        head = DFRHead(config, extractor.channels, latent).to(device).eval()
+        head = None
         for spec in specs:
+            # as the actor prepares it for this precision (a bf16 backbone stores bf16 weights)
+            extractor = build_extractor(config, allow_random_init=random_init).eval()
+            extractor = prepare_extractor(extractor, device, spec)
+            if head is None:
+                head = DFRHead(config, extractor.channels, latent).to(device).eval()
             for batch in (32, 64, 128):
                 case = f"{name} {spec.dtype} batch {batch}"
                 if time.perf_counter() > deadline:

@@ -15,23 +15,35 @@ compare ratios within a round, not absolute times):
 - pooled (before this change): native-resolution pooling (`FeatureExtractor`) + the same head;
 - fast: the exact fast path (`dfr_core.fastpath`: coarse layers' first CAE layer at native
   resolution, BN/standardisation folded, chunked positions) with a channels_last backbone;
-- fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision).
+- fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision),
+  the backbone's weights stored at bf16 as a bf16 scoring actor holds them
+  (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights).
 
 "peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
-path's folded weights count as model); the kernel's high-water mark is reset at that point, so
-"peak RSS" is the computation's peak, not the model build's (building VGG19 peaks higher than
-the fast path ever does). VGG19 uses random weights (none ship offline); time and
-memory do not depend on weight values. The fp32 methods' outputs are compared with the
-reference's in the same child (max relative difference, printed).
+path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
+high-water mark is reset at that point, so "peak RSS" is the computation's peak, not the
+model build's (building VGG19 peaks higher than the fast path ever does). It is printed two
+ways: all RSS (the kernel's VmHWM, which also counts the ~20-30 MB of oneDNN code from
+libtorch that the first convolution and matmul page in: file-backed, shared by every process,
+the same for any computation that calls them), and the anonymous memory, the activations
+(sampled every millisecond by `_AnonPeak`, in a second child of the same method, so the
+sampling never runs beside the timed one; beside it, the timed child's VmHWM minus the code
+paged in, a second lower bound that needs no sampling). VGG19 uses random
+weights (none ship offline); time and memory do not depend on weight values. The fp32
+methods' outputs are compared with the reference's in the same child (max relative
+difference, printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 METHODS = ("reference", "pooled", "fast", "fast-bf16")
@@ -68,6 +80,42 @@ def _release_free_heap() -> None:
         trim = None
     if trim is not None:
         trim(0)
+
+
+def _anon_mb() -> float:
+    """Anonymous resident memory (statm: resident - shared, i.e. without file-backed pages such
+    as the library code a first call pages in), in MB."""
+    with open("/proc/self/statm") as fh:
+        fields = fh.read().split()
+    return (int(fields[1]) - int(fields[2])) * resource.getpagesize() / 2**20
+
+
+class _AnonPeak:
+    """The peak of `_anon_mb` while the block runs, sampled every millisecond by a thread.
+
+    VmHWM also counts file-backed pages: the first convolution and matmul page in about 20 MB
+    of oneDNN code from libtorch (shared by every process on the node, the same for any
+    computation that calls it). The anonymous peak is the activations' memory. Sampling can
+    miss a peak shorter than a millisecond: a lower bound, checked against VmHWM minus the
+    file-backed pages the run added (another lower bound, printed beside it)."""
+
+    def __init__(self) -> None:
+        self.peak = _anon_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _anon_mb())
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_mb())
 
 
 def _reset_peak_rss() -> None:
@@ -109,27 +157,40 @@ def _split_ms(extract, extractor, fold, x, dtype, images: int) -> tuple[float, f
     return 1000 * backbone / images, 1000 * head / images
 
 
-def child(method: str, images: int, batch: int, size: int, latent: int, threads: int) -> dict:
+def child(
+    method: str, images: int, batch: int, size: int, latent: int, threads: int, sample: bool
+) -> dict:
+    """One method in this process: timed, or (``sample``) the same run with the anonymous
+    memory sampled (a separate child, so that the sampling thread never shares the timed
+    run's CPUs)."""
     import torch
 
     from dfr_core.config import ModelConfig
-    from dfr_core.device import prepare_for_device
     from dfr_core.fastpath import extract_regional, folded_head
+    from dfr_core.inference import prepare_extractor
     from dfr_core.model import DFRHead, build_extractor
+    from dfr_core.precision import PrecisionSpec
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
     config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=size)
-    extractor = build_extractor(config, allow_random_init=True).eval()
+
+    def fp32_extractor():  # noqa: ANN202 - the same random weights on every call
+        torch.manual_seed(0)
+        return build_extractor(config, allow_random_init=True).eval()
+
+    extractor = fp32_extractor()
     head = DFRHead(config, extractor.channels, latent).eval()
     x = torch.randn(batch, 3, size, size)
     dtype = torch.bfloat16 if method == "fast-bf16" else torch.float32
 
-    def reference() -> torch.Tensor:
-        return head.error_grid(reference_features(extractor.backbone(x), size, 4))
+    def reference(ext=extractor) -> torch.Tensor:  # noqa: ANN001
+        return head.error_grid(reference_features(ext.backbone(x), size, 4))
 
     if method.startswith("fast"):
-        extractor = prepare_for_device(extractor, torch.device("cpu"))  # channels_last
+        # as a scoring actor prepares it: channels_last; bf16: the weights stored at bf16
+        cpu = torch.device("cpu")
+        spec = PrecisionSpec.for_device("bf16" if method == "fast-bf16" else "fp32", cpu)
+        extractor = prepare_extractor(extractor, cpu, spec)
         xin = x.contiguous(memory_format=torch.channels_last)
         fold = folded_head(head, extractor, dtype)
 
@@ -144,22 +205,30 @@ def child(method: str, images: int, batch: int, size: int, latent: int, threads:
 
     _release_free_heap()  # what building freed must not be counted as room for activations
     base = _rss_mb()  # the model and input are built; everything above this is activations
+    base_anon, base_file = _anon_mb(), _status_mb("RssFile")
     _reset_peak_rss()
     with torch.no_grad():
-        out = run()  # warm-up (allocator, lazy init)
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = 0
-        while n < images:
-            run()
-            n += batch
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with _AnonPeak() if sample else contextlib.nullcontext() as anon:
+            out = run()  # warm-up (allocator, lazy init)
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = 0
+            while n < images:
+                run()
+                n += batch
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = _status_mb("VmHWM")
+        paged_in = _status_mb("RssFile") - base_file  # library code the run paged in
+        if sample:
+            return {"anon_peak_over_model_mb": anon.peak - base_anon}
         split = (
             _split_ms(extract_regional, extractor, fold, xin, dtype, n)
             if method.startswith("fast")
             else None
         )
-        ref = reference() if method != "reference" else out
+        if method == "reference":
+            ref = out
+        else:  # a bf16 backbone's fp32 weights are gone: the reference on a fresh fp32 build
+            ref = reference(fp32_extractor() if method == "fast-bf16" else extractor)
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     return {
         "method": method,
@@ -167,11 +236,18 @@ def child(method: str, images: int, batch: int, size: int, latent: int, threads:
         "cpu_ms_per_image": 1000 * cpu / n,
         "peak_rss_mb": peak,
         "peak_over_model_mb": peak - base,
+        "code_paged_in_mb": paged_in,
+        "anon_floor_over_model_mb": peak - base - paged_in,
         "max_rel_diff": rel,
         "backbone_head_ms": split,
         "channels": extractor.channels,
         "grid": list(out.shape[-2:]),
     }
+
+
+def _run_child(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -184,18 +260,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     keys = ("images", "batch", "size", "latent", "threads")
     if args.child:
-        print(json.dumps(child(args.child, *(getattr(args, k) for k in keys))))
+        print(json.dumps(child(args.child, *(getattr(args, k) for k in keys), args.sample)))
         return
     rows: dict[str, list[dict]] = {m: [] for m in args.methods}
     for r in range(args.rounds):
         for method in args.methods:
             cmd = [sys.executable, __file__, "--child", method]
             cmd += [f"--{k}={getattr(args, k)}" for k in keys]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res = _run_child(cmd)
+            res.update(_run_child([*cmd, "--sample"]))  # the anonymous peak, sampled apart
             rows[method].append(res)
             print(
                 f"round {r + 1} {method}: {res['ms_per_image']:.0f} ms/image, "
@@ -210,14 +287,18 @@ def main() -> None:
     )
     print(
         "| method | ms/image (median; per round) | CPU ms/image | peak RSS MB | "
-        "peak above model MB | vs reference: speed-up wall, CPU (median of per-round "
-        "ratios), memory | max rel. diff | backbone / head ms |"
+        "peak above model MB: all RSS (of it library code paged in); anonymous sampled "
+        "(VmHWM - code) | vs reference: speed-up wall, CPU (median of per-round ratios), "
+        "memory all RSS, anonymous | max rel. diff | backbone / head ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
     ref = rows.get("reference")
     for method, res in rows.items():
         ms = [x["ms_per_image"] for x in res]
         over = statistics.median(x["peak_over_model_mb"] for x in res)
+        code = statistics.median(x["code_paged_in_mb"] for x in res)
+        anon = statistics.median(x["anon_peak_over_model_mb"] for x in res)
+        floor = statistics.median(x["anon_floor_over_model_mb"] for x in res)
         rss = statistics.median(x["peak_rss_mb"] for x in res)
         cpu = statistics.median(x["cpu_ms_per_image"] for x in res)
         vs = "-"
@@ -228,7 +309,11 @@ def main() -> None:
                 a["cpu_ms_per_image"] / b["cpu_ms_per_image"] for a, b in pairs
             )
             ref_over = statistics.median(x["peak_over_model_mb"] for x in ref)
-            vs = f"{speed:.2f}x, {cpu_speed:.2f}x, {ref_over / max(over, 1.0):.1f}x"
+            ref_anon = statistics.median(x["anon_peak_over_model_mb"] for x in ref)
+            vs = (
+                f"{speed:.2f}x, {cpu_speed:.2f}x, {ref_over / max(over, 1.0):.1f}x, "
+                f"{ref_anon / max(anon, 1.0):.1f}x"
+            )
         rel = max(x["max_rel_diff"] for x in res)
         per_round = "; ".join(f"{m:.0f}" for m in ms)
         split = "-"
@@ -238,7 +323,7 @@ def main() -> None:
             split = f"{backbone:.0f} / {head:.0f}"
         print(
             f"| {method} | {statistics.median(ms):.0f} ({per_round}) | {cpu:.0f} | {rss:.0f} | "
-            f"{over:.0f} | {vs} | {rel:.1e} | {split} |"
+            f"{over:.0f} ({code:.0f}); {anon:.0f} ({floor:.0f}) | {vs} | {rel:.1e} | {split} |"
         )
 
 

@@ -6,7 +6,7 @@ The model and protocol of `speed.py` (VGG19 relu1_1..relu4_4, 256 px, CAE latent
 batch 1, two threads, random weights). In one process, alternating in every round:
 
 - **convs**: the backbone alone (convolutions and ReLUs up to relu4_4, bf16 autocast,
-  channels_last), no pooling;
+  channels_last, weights stored at bf16 as a bf16 scoring actor holds them), no pooling;
 - **head GEMMs**: the fast path's matmuls alone for one image: the shapes, chunks and dtype
   of `FoldedHead.error_grid` (the coarse layers' first layer at native resolution, then per
   chunk the first layer's fine part, the middle layers and the last one, by channel group),
@@ -30,9 +30,10 @@ import torch
 from speed import VGG19_12  # the same layers as speed.py (this folder is on sys.path)
 
 from dfr_core.config import ModelConfig
-from dfr_core.device import prepare_for_device
 from dfr_core.fastpath import FoldedHead, channel_blocks, chunk_rows, extract_regional, folded_head
+from dfr_core.inference import prepare_extractor
 from dfr_core.model import DFRHead, build_extractor
+from dfr_core.precision import PrecisionSpec
 
 
 def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
@@ -96,9 +97,11 @@ def main() -> None:
     config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=256)
     extractor = build_extractor(config, allow_random_init=True).eval()
     head = DFRHead(config, extractor.channels, 200).eval()
-    extractor = prepare_for_device(extractor, torch.device("cpu"))
-    x = torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     dtype = torch.bfloat16
+    # as a bf16 scoring actor prepares it: channels_last, the backbone's weights stored at bf16
+    cpu = torch.device("cpu")
+    extractor = prepare_extractor(extractor, cpu, PrecisionSpec.for_device("bf16", cpu))
+    x = torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     fold = folded_head(head, extractor, dtype)
     maps = extract_regional(extractor, x, dtype)
     pairs, gemm_macs = head_gemms(fold, [tuple(m.shape[-2:]) for m in maps.coarse])

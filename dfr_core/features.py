@@ -72,6 +72,10 @@ def apply_regional(fmap: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) -> to
     return torch.matmul(torch.matmul(mh, fmap), mw.transpose(0, 1))
 
 
+#: Modules whose weights autocast casts to its lower precision (convolutions and linear maps).
+_AUTOCAST_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
 class RegionalPooling(nn.Module):
     """Resize a list of feature maps to one (H/pool, W/pool) grid of regional descriptors and
     concat. ``image_size``: N (square) or (H, W); each axis gets its own regional matrix."""
@@ -119,6 +123,37 @@ class FeatureExtractor(nn.Module):
         self.image_size = image_size
         self.input_hw = _hw(image_size)
         self.channels = sum(layer.channels for layer in backbone.layers)
+        #: the dtype the backbone's convolution/linear weights are stored at (`cast_backbone`)
+        self.weights_dtype = torch.float32
+
+    def cast_backbone(self, dtype: torch.dtype) -> FeatureExtractor:
+        """Store the backbone's convolution and linear weights at ``dtype`` (bf16/fp16), once.
+
+        Autocast at ``dtype`` casts exactly these weights to ``dtype`` on every call; storing
+        them cast gives the same maps bit for bit (the same rounding, done once), without a
+        per-call copy of every weight, and the fp32 weights are freed: the backbone holds half
+        the memory. Such an extractor then runs under autocast at ``dtype`` only
+        (`check_weights`). Other parameters (BatchNorm) stay fp32, as autocast leaves them.
+        """
+        if dtype == torch.float32:
+            return self
+        if self.weights_dtype not in (torch.float32, dtype):
+            raise ValueError(f"backbone weights are already {self.weights_dtype}, not {dtype}")
+        for module in self.backbone.modules():
+            if isinstance(module, _AUTOCAST_WEIGHTED):
+                module.to(dtype)
+        self.weights_dtype = dtype
+        return self
+
+    def check_weights(self, compute_dtype: torch.dtype | None) -> None:
+        """Refuse to run a backbone stored at bf16/fp16 at any other precision (its fp32
+        weights are gone: `cast_backbone`). ``compute_dtype`` None means fp32."""
+        compute_dtype = compute_dtype or torch.float32
+        if self.weights_dtype not in (torch.float32, compute_dtype):
+            raise ValueError(
+                f"this extractor's backbone weights are stored at {self.weights_dtype} "
+                f"(cast_backbone): it runs at that precision only, not at {compute_dtype}"
+            )
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -140,6 +175,8 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        self.check_weights(torch.get_autocast_dtype(x.device.type) if autocast else None)
         gh, gw = self.grid_hw
         out = torch.empty(x.shape[0], self.channels, gh, gw, device=x.device)
         start = 0

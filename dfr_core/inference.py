@@ -18,6 +18,7 @@ import torch
 
 from dfr_core.anomaly import AnomalyOutput
 from dfr_core.config import ModelConfig
+from dfr_core.device import prepare_for_device
 from dfr_core.fastpath import RegionalMaps, extract_regional, folded_head, pooled_means
 from dfr_core.features import FeatureExtractor
 from dfr_core.geometry import TilePlan
@@ -56,6 +57,17 @@ def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
     else:
         x = x.to(device)
     return normalize_batch(x).contiguous(memory_format=torch.channels_last)
+
+
+def prepare_extractor(
+    extractor: FeatureExtractor, device: torch.device, precision: PrecisionSpec
+) -> FeatureExtractor:
+    """An extractor made ready to score at ``precision`` only (a scoring actor keeps one per
+    backbone and backbone precision): on the device, channels_last, and, for a bf16/fp16
+    backbone, its weights stored at that precision (`FeatureExtractor.cast_backbone`: the same
+    maps as autocast, at half the weights' memory and no per-batch weight copies)."""
+    extractor = prepare_for_device(extractor.eval(), device)
+    return extractor.cast_backbone(precision.backbone_dtype)
 
 
 @torch.no_grad()

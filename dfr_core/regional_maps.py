@@ -112,6 +112,7 @@ def extract_regional(
     """
     grid = extractor.grid_hw
     extractor.check_input(x)
+    extractor.check_weights(autocast_dtype)
     layout = channel_layout(extractor)
     # pooled at fp32, stored at the backbone's precision (a bf16 backbone: bf16 features)
     dtype = autocast_dtype or torch.float32

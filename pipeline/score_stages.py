@@ -33,12 +33,13 @@ from dfr_core.artifact import (
 from dfr_core.artifact_meta import ModelMetadata
 from dfr_core.calibrate import Calibration
 from dfr_core.config import ModelConfig
-from dfr_core.device import pick_device, prepare_for_device
+from dfr_core.device import pick_device
 from dfr_core.features import FeatureExtractor
 from dfr_core.inference import (
     ImageOutput,
     extract,
     forward_images,
+    prepare_extractor,
     score_images,
     to_model_input,
 )
@@ -109,8 +110,9 @@ RESULT_COLUMNS = (
 Group = tuple[tuple[Any, ...], PrecisionSpec]
 
 
-def extractor_key(meta: ModelMetadata) -> tuple[Any, ...]:
-    """Models with equal keys share one extractor (and one backbone forward per batch)."""
+def extractor_key(meta: ModelMetadata, precision: PrecisionSpec) -> tuple[Any, ...]:
+    """Models with equal keys share one extractor (and one backbone forward per batch): the
+    same backbone, and the same backbone precision (a bf16 one stores bf16 weights)."""
     config = meta.model_config
     backbone = meta.backbone
     return (
@@ -119,6 +121,7 @@ def extractor_key(meta: ModelMetadata) -> tuple[Any, ...]:
         config.input_hw,
         config.pool,
         backbone.weights_sha256,
+        precision.backbone_dtype,
     )
 
 
@@ -210,12 +213,12 @@ class ScoringActor:
         calibration = calibration_of(meta, required=True)
         precision = calibration.precision_spec
         precision.check(self.device)  # refuse (model_error rows) rather than mix precisions
-        key = extractor_key(meta)
+        key = extractor_key(meta, precision)
         extractor = self.extractors.get(key)
         if extractor is None:
             weights = registry.resolve_weights(meta.weights_uri, cfg.cache_dir, cfg.options)
             extractor = build_extractor(meta.model_config, weights_path=weights)
-            extractor = prepare_for_device(extractor.eval(), self.device)
+            extractor = prepare_extractor(extractor, self.device, precision)
             self.extractors[key] = extractor
         check_extractor(extractor, meta)
         head = load_head(directory, meta).to(self.device).eval()

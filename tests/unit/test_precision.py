@@ -168,5 +168,8 @@ def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path, backb
     scored = actor._score_chunk([0, 1, 2], [LINE] * 3, prepared, (
         actor.lines[LINE].extractor_key, actor.lines[LINE].precision))  # fmt: skip
     assert actor.lines[LINE].precision == spec
+    # a bf16 backbone is stored at bf16 in the actor (autocast's maps, bit for bit, below)
+    (extractor,) = actor.extractors.values()
+    assert extractor.weights_dtype == spec.backbone_dtype
     expect = compute_maps(model, images, precision=spec)
     assert [scored[i].score for i in range(3)] == pytest.approx(expect.score.tolist(), abs=0)
