@@ -47,7 +47,7 @@ def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
 
     convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     handles = [m.register_forward_hook(hook) for m in convs]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=convs[0].weight.dtype):
         for _ in backbone.iter_maps(x):
             pass
     for handle in handles:
