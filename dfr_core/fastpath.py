@@ -52,10 +52,22 @@ from dfr_core.regional_maps import (
 #: this value.
 CHUNK_BYTES = 7 << 20
 
+#: The same bound on CUDA, where a chunk is sized by memory, not by a cache: CPU-sized chunks
+#: and channel groups leave a GPU waiting on kernel launches (the paper configuration ran at
+#: 65-72 images/s on an H200 with them, `benchmarks/gpu_check.py`). 256 MiB takes VGG19-12's
+#: whole 64 x 64 grid of one image in one chunk (56 MiB for its widest tensor).
+CUDA_CHUNK_BYTES = 256 << 20
 
-def chunk_rows(width: int, grid_w: int) -> int:
-    """Grid rows per chunk for a head whose widest layer has ``width`` channels."""
-    return max(1, CHUNK_BYTES // (4 * width * grid_w))
+
+def _on_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"
+
+
+def chunk_rows(width: int, grid_w: int, device: torch.device | None = None) -> int:
+    """Grid rows per chunk for a head whose widest layer has ``width`` channels, on
+    ``device`` (None: the CPU)."""
+    budget = CUDA_CHUNK_BYTES if _on_cuda(device) else CHUNK_BYTES
+    return max(1, budget // (4 * width * grid_w))
 
 
 class _Linear(NamedTuple):
@@ -173,7 +185,7 @@ class FoldedHead:
         else:
             h = self.b1.repeat((r1 - r0) * g, 1)
         for part in first_coarse:
-            for lo, hi in channel_blocks(part.shape[-1]):
+            for lo, hi in channel_blocks(part.shape[-1], h.device):
                 h[:, lo:hi].add_(self._band(part, r0, r1, lo, hi))
         if self.first_relu:
             h = h.relu_()
@@ -187,7 +199,7 @@ class FoldedHead:
         err = self._group_error(h, fine, 0, nf) if nf else torch.zeros_like(h[:, 0]).float()
         start = nf
         for native in coarse:
-            for lo, hi in channel_blocks(native.shape[-1]):
+            for lo, hi in channel_blocks(native.shape[-1], h.device):
                 band = self._band(native, r0, r1, lo, hi)
                 err.add_(self._group_error(h, band, start + lo, start + hi))
             start += native.shape[-1]
@@ -204,7 +216,7 @@ class FoldedHead:
         sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps.coarse)
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
-        rows = chunk_rows(self.width, g)
+        rows = chunk_rows(self.width, g, maps.fine.device)
         out = torch.empty(b, gh * g, device=maps.fine.device)
         for i in range(b):
             fine = _positions(maps.fine[i]).flatten(0, 1)
@@ -222,13 +234,16 @@ class FoldedHead:
 
 
 #: Channels of a coarse map mapped onto the grid at a time (VGG19-12: one relu4_x layer):
-#: bounds a band's fp32 rows and products to rows x 512, a few MiB, within a chunk.
+#: bounds a band's fp32 rows and products to rows x 512, a few MiB, within a chunk. On CUDA
+#: a map is handled whole (fewer, larger kernels; memory is bounded by CUDA_CHUNK_BYTES).
 BAND_CHANNELS = 512
 
 
-def channel_blocks(channels: int) -> list[tuple[int, int]]:
-    """The (lo, hi) channel ranges, BAND_CHANNELS wide, a coarse map is handled in."""
-    return [(lo, min(lo + BAND_CHANNELS, channels)) for lo in range(0, channels, BAND_CHANNELS)]
+def channel_blocks(channels: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """The (lo, hi) channel ranges, BAND_CHANNELS wide (on CUDA: one), a coarse map and the
+    last layer are handled in."""
+    step = channels if _on_cuda(device) else BAND_CHANNELS
+    return [(lo, min(lo + step, channels)) for lo in range(0, channels, max(step, 1))]
 
 
 def _positions(fmap: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,21 @@ def test_vgg19_12_error_grid_equals_reference(vgg19_12):
     _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
 
 
+def test_vgg19_12_in_cuda_sized_chunks_equals_reference(vgg19_12, monkeypatch):
+    """On CUDA a chunk is a whole grid and a coarse map one band (fewer kernel launches): the
+    same sizes forced on the CPU give the reference's numbers."""
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it here
+    assert chunk_rows(3456, 64, cuda) >= 64 and fastpath.channel_blocks(2048, cuda) == [(0, 2048)]
+    assert fastpath.channel_blocks(2048) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
+    config, extractor = vgg19_12
+    monkeypatch.setattr(fastpath, "CHUNK_BYTES", fastpath.CUDA_CHUNK_BYTES)
+    monkeypatch.setattr(fastpath, "BAND_CHANNELS", 1 << 20)
+    head = _head(config, extractor.channels, 64)
+    assert chunk_rows(folded_head(head, extractor).width, 32) >= 32  # one chunk per image
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
+
+
 def test_pooled_means_in_reference_channel_order(vgg19_12):
     """The global score term's input: coarse layers are regrouped in the fast path, the means
     must come back in the extractor's channel order."""
