@@ -23,7 +23,7 @@ compare ratios within a round, not absolute times):
 path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
 high-water mark is reset at that point, so "peak RSS" is the computation's peak, not the
 model build's (building VGG19 peaks higher than the fast path ever does). It is printed two
-ways: all RSS (the kernel's VmHWM, which also counts the ~20-30 MB of oneDNN code from
+ways: all RSS (the kernel's VmHWM, which also counts the 25-31 MB of oneDNN code from
 libtorch that the first convolution and matmul page in: file-backed, shared by every process,
 the same for any computation that calls them), and the anonymous memory, the activations
 (sampled every millisecond by `_AnonPeak`, in a second child of the same method, so the
@@ -93,11 +93,11 @@ def _anon_mb() -> float:
 class _AnonPeak:
     """The peak of `_anon_mb` while the block runs, sampled every millisecond by a thread.
 
-    VmHWM also counts file-backed pages: the first convolution and matmul page in about 20 MB
-    of oneDNN code from libtorch (shared by every process on the node, the same for any
-    computation that calls it). The anonymous peak is the activations' memory. Sampling can
-    miss a peak shorter than a millisecond: a lower bound, checked against VmHWM minus the
-    file-backed pages the run added (another lower bound, printed beside it)."""
+    VmHWM also counts file-backed pages: the first convolution and matmul page in 25-31 MB
+    of oneDNN code from libtorch on the dev machine (shared by every process on the node, the
+    same for any computation that calls it). The anonymous peak is the activations' memory.
+    Sampling can miss a peak shorter than a millisecond: a lower bound, checked against VmHWM
+    minus the file-backed pages the run added (another lower bound, printed beside it)."""
 
     def __init__(self) -> None:
         self.peak = _anon_mb()

@@ -34,6 +34,7 @@ from dfr_core.fastpath import FoldedHead, channel_blocks, chunk_rows, extract_re
 from dfr_core.inference import prepare_extractor
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
+from dfr_core.regional_maps import autocast_to
 
 
 def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
@@ -47,7 +48,7 @@ def conv_macs(backbone: torch.nn.Module, x: torch.Tensor) -> int:
 
     convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     handles = [m.register_forward_hook(hook) for m in convs]
-    with torch.no_grad(), torch.autocast("cpu", dtype=convs[0].weight.dtype):
+    with torch.no_grad(), autocast_to(x.device, convs[0].weight.dtype):
         for _ in backbone.iter_maps(x):
             pass
     for handle in handles:

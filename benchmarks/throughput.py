@@ -267,14 +267,14 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
 
     from dfr_core.artifact import load_model
     from dfr_core.decode import decode_image
-    from dfr_core.inference import forward_batch
+    from dfr_core.inference import forward_batch, prepare_extractor
     from dfr_core.resize import resize_image
     from pipeline import registry, storage
 
     loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
     model, size = loaded.model.eval(), loaded.model.config.image_size
     uris = pq.read_table(listing).column("image_uri").to_pylist()[:limit]
-    model.extractor.to(memory_format=torch.channels_last)  # as the scoring actor prepares it
+    prepare_extractor(model.extractor, torch.device("cpu"), model.precision)  # as the actor does
     t0, cpu0 = time.perf_counter(), time.process_time()
     decode_cpu = 0.0
     for i in range(0, len(uris), batch):
