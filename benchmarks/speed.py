@@ -3,7 +3,7 @@
     python benchmarks/speed.py --images 4 --rounds 3
 
 VGG19 relu1_1..relu4_4 (3456 channels), 256 px, CAE latent d = 200, batch 1, two threads; the
-per-position error grid of one image, computed four ways, each in its own subprocess (so peak
+per-position error grid of one image, computed five ways, each in its own subprocess (so peak
 RSS is clean), alternating method by method for ``--rounds`` rounds (the machine is shared:
 compare ratios within a round, not absolute times):
 
@@ -17,7 +17,10 @@ compare ratios within a round, not absolute times):
   resolution, BN/standardisation folded, chunked positions) with a channels_last backbone;
 - fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision),
   the backbone's weights stored at bf16 as a bf16 scoring actor holds them
-  (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights).
+  (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights);
+- fast-int8: the head's products in int8 (`dfr_core.quantized`; opt-in: a model calibrated at
+  int8) on the same bf16 backbone, as `calibrate(..., precision="int8")` records it for this
+  configuration (no global term).
 
 "peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
 path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
@@ -46,7 +49,10 @@ import sys
 import threading
 import time
 
-METHODS = ("reference", "pooled", "fast", "fast-bf16")
+METHODS = ("reference", "pooled", "fast", "fast-bf16", "fast-int8")
+#: The fast methods' (head precision, backbone precision) as `dfr_core.calibrate` records them
+#: for the paper's configuration (no global term: the backbone at bf16 under a reduced head).
+FAST = {"fast": ("fp32", None), "fast-bf16": ("bf16", None), "fast-int8": ("int8", "bf16")}
 VGG19_12 = (
     "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
     "relu4_1", "relu4_2", "relu4_3", "relu4_4",
@@ -181,18 +187,20 @@ def child(
     extractor = fp32_extractor()
     head = DFRHead(config, extractor.channels, latent).eval()
     x = torch.randn(batch, 3, size, size)
-    dtype = torch.bfloat16 if method == "fast-bf16" else torch.float32
+    dtype = torch.float32  # the backbone's
 
     def reference(ext=extractor) -> torch.Tensor:  # noqa: ANN001
         return head.error_grid(reference_features(ext.backbone(x), size, 4))
 
-    if method.startswith("fast"):
-        # as a scoring actor prepares it: channels_last; bf16: the weights stored at bf16
+    if method in FAST:
+        # as a scoring actor prepares it: channels_last; a bf16 backbone's weights at bf16
         cpu = torch.device("cpu")
-        spec = PrecisionSpec.for_device("bf16" if method == "fast-bf16" else "fp32", cpu)
+        precision, backbone = FAST[method]
+        spec = PrecisionSpec.for_device(precision, cpu, backbone)
         extractor = prepare_extractor(extractor, cpu, spec)
+        dtype = spec.backbone_dtype
         xin = x.contiguous(memory_format=torch.channels_last)
-        fold = folded_head(head, extractor, dtype)
+        fold = folded_head(head, extractor, spec.torch_dtype)
 
         def run() -> torch.Tensor:
             return fold.error_grid(extract_regional(extractor, xin, dtype))
@@ -221,14 +229,12 @@ def child(
         if sample:
             return {"anon_peak_over_model_mb": anon.peak - base_anon}
         split = (
-            _split_ms(extract_regional, extractor, fold, xin, dtype, n)
-            if method.startswith("fast")
-            else None
+            _split_ms(extract_regional, extractor, fold, xin, dtype, n) if method in FAST else None
         )
         if method == "reference":
             ref = out
         else:  # a bf16 backbone's fp32 weights are gone: the reference on a fresh fp32 build
-            ref = reference(fp32_extractor() if method == "fast-bf16" else extractor)
+            ref = reference(extractor if dtype == torch.float32 else fp32_extractor())
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     return {
         "method": method,

@@ -1,6 +1,7 @@
-"""How far the paper configuration's bf16 fast path is from its arithmetic floor here.
+"""How far the paper configuration's bf16 (or int8) fast path is from its arithmetic floor here.
 
     python benchmarks/speed_floor.py --rounds 5
+    python benchmarks/speed_floor.py --rounds 5 --precision int8
 
 The model and protocol of `speed.py` (VGG19 relu1_1..relu4_4, 256 px, CAE latent d = 200,
 batch 1, two threads, random weights). In one process, alternating in every round:
@@ -12,6 +13,10 @@ batch 1, two threads, random weights). In one process, alternating in every roun
   chunk the first layer's fine part, the middle layers and the last one, by channel group),
   on fixed operands;
 - **full**: `extract_regional` + `FoldedHead.error_grid`, what `speed.py` times as fast-bf16.
+
+``--precision int8``: the head's products are int8 GEMMs (`torch._int_mm` on int8 operands, as
+`dfr_core.quantized` runs them) on the same bf16 backbone, and "full" is speed.py's fast-int8;
+the rest then also holds quantising each product's input and scaling its output back.
 
 Printed per round and as medians: ms per image of each part, their multiply-adds and rates,
 and "rest" = full - convs - head GEMMs: everything that is neither a convolution nor one of
@@ -34,6 +39,7 @@ from dfr_core.fastpath import FoldedHead, channel_blocks, chunk_rows, extract_re
 from dfr_core.inference import prepare_extractor
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
+from dfr_core.quantized import Int8Weight
 from dfr_core.regional_maps import autocast_to
 
 
@@ -66,10 +72,15 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
     gen = torch.Generator().manual_seed(0)
 
     def operand(n: int, k: int) -> torch.Tensor:
+        if fold.int8:
+            return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
         return torch.randn(n, k, generator=gen).to(fold.dtype)
 
+    def matrix(w: torch.Tensor | Int8Weight) -> torch.Tensor:
+        return w.q if isinstance(w, Int8Weight) else w
+
     pairs = [
-        (operand(h * w_, w.shape[1]), w)
+        (operand(h * w_, matrix(w).shape[1]), matrix(w))
         for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True)
     ]
     # the last layer in channel groups, as `FoldedHead._chunk` runs it: fine, then coarse blocks
@@ -80,8 +91,8 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
         start += width
     for r0 in range(0, gh, rows):
         n = (min(r0 + rows, gh) - r0) * g
-        weights = [fold.w1_fine] + [layer.weight for layer in fold.middle]
-        weights += [fold.w_last[lo:hi] for lo, hi in groups]
+        weights = [matrix(fold.w1_fine)] + [matrix(layer.weight) for layer in fold.middle]
+        weights += [matrix(fold.w_last)[lo:hi] for lo, hi in groups]
         pairs += [(operand(n, w.shape[1]), w) for w in weights if w.shape[1]]
     macs = sum(w.shape[0] * w.shape[1] * x.shape[0] for x, w in pairs)
     return pairs, macs
@@ -92,18 +103,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=4, help="timed images per part and round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("bf16", "int8"), default="bf16", help="the head's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=256)
     extractor = build_extractor(config, allow_random_init=True).eval()
     head = DFRHead(config, extractor.channels, 200).eval()
-    dtype = torch.bfloat16
-    # as a bf16 scoring actor prepares it: channels_last, the backbone's weights stored at bf16
+    dtype = torch.bfloat16  # the backbone's, under either head
+    # as a scoring actor prepares it: channels_last, the backbone's weights stored at bf16
     cpu = torch.device("cpu")
-    extractor = prepare_extractor(extractor, cpu, PrecisionSpec.for_device("bf16", cpu))
+    spec = PrecisionSpec.for_device(args.precision, cpu, "bf16")
+    extractor = prepare_extractor(extractor, cpu, spec)
     x = torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
-    fold = folded_head(head, extractor, dtype)
+    fold = folded_head(head, extractor, spec.torch_dtype)
     maps = extract_regional(extractor, x, dtype)
     pairs, gemm_macs = head_gemms(fold, [tuple(m.shape[-2:]) for m in maps.coarse])
     cmacs = conv_macs(extractor.backbone, x)
@@ -115,7 +128,7 @@ def main() -> None:
 
     def gemms() -> None:
         for x, w in pairs:
-            torch.matmul(x, w.T)
+            torch._int_mm(x, w.T) if fold.int8 else torch.matmul(x, w.T)
 
     def full() -> None:
         fold.error_grid(extract_regional(extractor, x, dtype))
@@ -138,8 +151,8 @@ def main() -> None:
     split = zip(times["full"], times["convs"], times["head GEMMs"], strict=True)
     rests = [f - c - g for f, c, g in split]
     print(
-        f"\nVGG19-12, 256 px, d=200, bf16, batch 1, {args.threads} threads, "
-        f"{args.rounds} rounds x {args.images} images (medians)"
+        f"\nVGG19-12, 256 px, d=200, head {args.precision} (backbone bf16), batch 1, "
+        f"{args.threads} threads, {args.rounds} rounds x {args.images} images (medians)"
     )
     print("| part | ms/image | GMAC/image | GMAC/s |")
     print("|---|---|---|---|")
@@ -150,7 +163,7 @@ def main() -> None:
     )
     floor = med["convs"] + med["head GEMMs"]
     print(f"| floor (convs + head GEMMs) | {floor:.0f} | {(cmacs + gemm_macs) / 1e9:.1f} | - |")
-    print(f"| full fast-bf16 | {med['full']:.0f} | - | - |")
+    print(f"| full fast-{args.precision} | {med['full']:.0f} | - | - |")
     print(f"| rest (full - floor) | {statistics.median(rests):.0f} | - | - |")
 
 

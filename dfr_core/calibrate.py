@@ -128,8 +128,11 @@ def default_backbone(config: ModelConfig, precision: str) -> str:
     term. Its Mahalanobis distance amplifies the backbone's bf16 rounding (Magnetic-tile image
     AUROC -0.011 with a bf16 backbone, within 0.001 with an fp32 one; the maps' reconstruction
     error is not sensitive): `benchmarks/precision_parity.py`. Without a global term (the
-    paper's configuration) the backbone runs at ``precision`` too."""
-    return "fp32" if config.global_weight > 0 else precision
+    paper's configuration) the backbone runs at ``precision`` too; under an int8 head (which
+    only the head's products can run at) at bf16."""
+    if config.global_weight > 0:
+        return "fp32"
+    return "bf16" if precision == "int8" else precision
 
 
 def calibrate(
@@ -142,11 +145,11 @@ def calibrate(
 ) -> Calibration:
     """Calibrate on normal images the model was not trained on (e.g. the held-out slice).
 
-    ``precision`` (fp32, bf16, fp16) is the precision the thresholds are computed, recorded
-    and later enforced at; the model's eval precision is set to it. ``backbone``: the
-    backbone's precision; by default `default_backbone`. ``normal_images``: model inputs
-    (N, H, W, 3) or `dfr_core.geometry.prepare_image` outputs; a tiled model is calibrated on
-    the stitched, smoothed maps of whole images (what scoring thresholds).
+    ``precision`` (fp32, bf16, fp16; int8 on CPU) is the precision the thresholds are
+    computed, recorded and later enforced at; the model's eval precision is set to it.
+    ``backbone``: the backbone's precision; by default `default_backbone`. ``normal_images``:
+    model inputs (N, H, W, 3) or `dfr_core.geometry.prepare_image` outputs; a tiled model is
+    calibrated on the stitched, smoothed maps of whole images (what scoring thresholds).
     """
     if len(normal_images) == 0:
         raise ValueError("calibration needs at least one held-out normal image")

@@ -21,7 +21,9 @@ paper's widths it costs more multiply-adds than the chunked direct form, 12.8 M 
 position, so the direct form is used; chunking gives the memory saving the expansion would.)
 
 Computation can run at fp32 (the default, equal to the reference) or, when a model was calibrated
-so, in bf16/fp16 (see dfr_core.precision).
+so, in bf16/fp16 (see dfr_core.precision), or with the head's matrix products in int8
+(`dfr_core.quantized`: each position's input quantised on its own scale; the first layer's input
+standardised before it is quantised rather than folded into its weights).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from dfr_core.features import FeatureExtractor, apply_regional
+from dfr_core.quantized import Int8Rows, int8_affine, int8_product, quantize_rows, quantize_weight
 from dfr_core.regional_maps import (
     RegionalMaps,
     channel_layout,
@@ -51,6 +54,11 @@ from dfr_core.regional_maps import (
 #: 256 positions were still about 5 % slower for VGG19-12. BENCHMARKS.md's figures are at
 #: this value.
 CHUNK_BYTES = 7 << 20
+
+#: Bytes of fp32 input per block of the int8 first layer at the coarse maps' native positions
+#: (VGG19-12: 256 of relu4_x's 1,024): its standardised copy, int8 copy and int32 product stay
+#: a few MiB while the product is still a large GEMM.
+QUANT_BYTES = 2 << 20
 
 #: The same bound on CUDA, where a chunk is sized by memory, not by a cache: CPU-sized chunks
 #: and channel groups leave a GPU waiting on kernel launches (the paper configuration ran at
@@ -105,8 +113,9 @@ def _fold_cae(cae: nn.Module) -> list[_Linear]:
 class FoldedHead:
     """A DFRHead's eval-mode computation rearranged for the fast path (weights folded once).
 
-    Built for one extractor layout, device and compute dtype; `error_grid` takes the
-    extractor's `RegionalMaps` and returns the (B, Gh, Gw) fp32 error grid.
+    Built for one extractor layout, device and compute dtype (torch.int8: int8 products, fp32
+    in between); `error_grid` takes the extractor's `RegionalMaps` and returns the (B, Gh, Gw)
+    fp32 error grid.
     """
 
     def __init__(
@@ -128,28 +137,87 @@ class FoldedHead:
             inv_std = torch.ones_like(mean)
         layers = _fold_cae(head.cae)
         first, last = layers[0], layers[-1]
+        self.int8 = dtype == torch.int8
+        if self.int8:
+            self._quantize(layers, order, mean, inv_std, layout)
+        else:
+            self._cast(layers, order, mean, inv_std, layout, dtype)
+        # reconstruction - z = W h + b - (f - m) s = W h + (b + m s) - f s
+        self.b_last = (last.bias.flatten() + mean * inv_std).float()
+        self.inv_std = inv_std.float()
+        self.channels = channels
+        self.width = max([channels] + [int(layer.weight.shape[0]) for layer in layers])
+        self.first_relu = first.relu
+
+    def _cast(self, layers, order, mean, inv_std, layout, dtype) -> None:
+        """fp32/bf16/fp16 weights, the standardisation folded into the first layer."""
+        first, last, nf = layers[0], layers[-1], layout.n_fine
         # standardisation folded into the first layer: W1 ((f - m) * s) = (W1 s) f - W1 (m s)
         w1 = first.weight[:, order] * inv_std[None, :]
         b1 = first.bias - w1 @ mean[:, None]
-        nf = layout.n_fine
-        cast = dict(device=device, dtype=dtype)
+        cast = dict(device=w1.device, dtype=dtype)
         # Weights are kept (out, in) and used transposed: positions are rows (x @ W^T).
         self.w1_fine = w1[:, :nf].to(**cast).contiguous()
         self.w1_coarse = [
             part.to(**cast).contiguous() for part in w1[:, nf:].split(layout.coarse_widths, dim=1)
         ]
         self.b1 = b1.flatten().float()
-        self.first_relu = first.relu
         self.middle = [
             _Linear(x.weight.to(**cast).contiguous(), x.bias.flatten().to(**cast), x.relu)
             for x in layers[1:-1]
         ]
         self.w_last = last.weight[order].to(**cast).contiguous()
-        # reconstruction - z = W h + b - (f - m) s = W h + (b + m s) - f s
-        self.b_last = (last.bias.flatten() + mean * inv_std).float()
-        self.inv_std = inv_std.float()
-        self.channels = channels
-        self.width = max([channels] + [int(layer.weight.shape[0]) for layer in layers])
+
+    def _quantize(self, layers, order, mean, inv_std, layout) -> None:
+        """int8 weights (dfr_core.quantized). The standardisation is NOT folded into the first
+        layer: its input is standardised (``(f - m) s``, one fused pass) before it is quantised
+        per position, so every channel gets the same share of the int8 range whatever the
+        backbone layer's magnitude."""
+        first, last, nf = layers[0], layers[-1], layout.n_fine
+        w1 = first.weight[:, order]
+        shift, scale = (-mean * inv_std).float(), inv_std.float()
+        self.in_fine = (shift[:nf], scale[:nf])
+        self.in_coarse = list(
+            zip(
+                shift[nf:].split(layout.coarse_widths),
+                scale[nf:].split(layout.coarse_widths),
+                strict=True,
+            )
+        )
+        self.w1_fine = quantize_weight(w1[:, :nf])
+        self.w1_coarse = [quantize_weight(p) for p in w1[:, nf:].split(layout.coarse_widths, 1)]
+        self.b1 = first.bias.flatten().float()
+        self.middle = [
+            _Linear(quantize_weight(x.weight), x.bias.flatten().float(), x.relu)
+            for x in layers[1:-1]
+        ]
+        self.w_last = quantize_weight(last.weight[order])
+
+    def _first_fine(self, fine: torch.Tensor) -> torch.Tensor:
+        """The first layer on pooled fine rows -> (rows, H1) fp32, its bias added."""
+        if self.int8:
+            shift, scale = self.in_fine
+            z = torch.addcmul(shift, fine, scale)  # standardised, then quantised in place
+            return int8_affine(z, self.w1_fine, self.b1, overwrite=True)
+        return _affine_fp32(fine.to(self.dtype), self.w1_fine, self.b1)
+
+    def _first_coarse(self, m: torch.Tensor, index: int) -> torch.Tensor:
+        """The first layer's contribution of one coarse map, at its native positions:
+        (h, w, c) -> (h, w, H1), in the compute dtype (int8: fp32; no bias)."""
+        flat = m.flatten(0, 1)
+        if self.int8:
+            shift, scale = self.in_coarse[index]
+            rows = flat.shape[0]
+            out = torch.empty(rows, self.b1.numel(), device=m.device)
+            # bounded temporaries: a block's standardised input (quantised in place), its
+            # int8 copy and int32 product, QUANT_BYTES of fp32 at most each
+            step = max(1, QUANT_BYTES // (4 * max(flat.shape[1], out.shape[1])))
+            for r in range(0, rows, step):
+                z = quantize_rows(torch.addcmul(shift, flat[r : r + step], scale), True)
+                int8_product(z, self.w1_coarse[index], None, out=out[r : r + step])
+        else:
+            out = flat.to(self.dtype) @ self.w1_coarse[index].T
+        return out.view(*m.shape[:2], -1)
 
     def _band(self, native: torch.Tensor, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
         """Grid rows r0:r1 of the regional operator applied to channels lo:hi of a
@@ -181,7 +249,7 @@ class FoldedHead:
         g, nf = self.grid_hw[1], self.layout.n_fine
         fine = fine[r0 * g : r1 * g]
         if nf:
-            h = _affine_fp32(fine.to(self.dtype), self.w1_fine, self.b1)
+            h = self._first_fine(fine)
         else:
             h = self.b1.repeat((r1 - r0) * g, 1)
         for part in first_coarse:
@@ -189,25 +257,37 @@ class FoldedHead:
                 h[:, lo:hi].add_(self._band(part, r0, r1, lo, hi))
         if self.first_relu:
             h = h.relu_()
-        h = h.to(self.dtype)
+        if not self.int8:
+            h = h.to(self.dtype)
         for layer in self.middle:
-            h = torch.addmm(layer.bias, h, layer.weight.T)
+            if self.int8:
+                h = int8_affine(h, layer.weight, layer.bias, overwrite=True)
+            else:
+                h = torch.addmm(layer.bias, h, layer.weight.T)
             if layer.relu:
                 h = h.relu_()
         # the last layer one channel group at a time (fine, then coarse blocks), minus that
         # group's standardised target: only one group's difference is ever held
-        err = self._group_error(h, fine, 0, nf) if nf else torch.zeros_like(h[:, 0]).float()
+        rows = h.shape[0]
+        if self.int8:  # quantised once for every channel group
+            h = quantize_rows(h, overwrite=True)
+        err = self._group_error(h, fine, 0, nf) if nf else torch.zeros(rows, device=fine.device)
         start = nf
         for native in coarse:
-            for lo, hi in channel_blocks(native.shape[-1], h.device):
+            for lo, hi in channel_blocks(native.shape[-1], fine.device):
                 band = self._band(native, r0, r1, lo, hi)
                 err.add_(self._group_error(h, band, start + lo, start + hi))
             start += native.shape[-1]
         return err.div_(self.channels)
 
-    def _group_error(self, h: torch.Tensor, target: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _group_error(
+        self, h: torch.Tensor | Int8Rows, target: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
         """Squared error summed over channels lo:hi: ``||W h + b - target * s||^2`` per row."""
-        diff = _affine_fp32(h, self.w_last[lo:hi], self.b_last[lo:hi])
+        if isinstance(h, Int8Rows):
+            diff = int8_product(h, self.w_last.rows(lo, hi), self.b_last[lo:hi])
+        else:
+            diff = _affine_fp32(h, self.w_last[lo:hi], self.b_last[lo:hi])
         return diff.addcmul_(target, self.inv_std[lo:hi], value=-1.0).pow_(2).sum(dim=1)
 
     @torch.no_grad()
@@ -223,10 +303,7 @@ class FoldedHead:
             coarse = [_positions(m[i]) for m in maps.coarse]
             # the widest matmul, on the coarse layers' native positions (exact: R is linear)
             # (kept in the compute dtype the GEMM returns: converted band by band, in _band)
-            first = [
-                (m.flatten(0, 1).to(self.dtype) @ w.T).view(*m.shape[:2], -1)
-                for w, m in zip(self.w1_coarse, coarse, strict=True)
-            ]
+            first = [self._first_coarse(m, k) for k, m in enumerate(coarse)]
             for r0 in range(0, gh, rows):
                 r1 = min(r0 + rows, gh)
                 out[i, r0 * g : r1 * g] = self._chunk(fine, coarse, first, r0, r1)

@@ -12,6 +12,10 @@ A reduced-precision calibration may keep the backbone at fp32 (``backbone``): th
 term (a Mahalanobis distance of pooled backbone features) amplifies bf16 rounding of the
 features, while the head's reconstruction error does not (`benchmarks/precision_parity.py`).
 ``backbone`` absent (every model written before it existed) means the backbone runs at ``dtype``.
+
+``int8`` is a head precision only, on CPU (`dfr_core.quantized`: the head's matrix products in
+int8 with per-position and per-channel scales, the rest of the head in fp32); its backbone runs
+at fp32 or bf16, always recorded.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ class Precision(StrEnum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"
 
 
 _DTYPES = {
     Precision.FP32: torch.float32,
     Precision.BF16: torch.bfloat16,
     Precision.FP16: torch.float16,
+    Precision.INT8: torch.int8,  # the head's products (dfr_core.quantized); never a backbone
 }
+
+#: What a backbone can run at under an int8 head (convolutions have no int8 path here).
+_INT8_BACKBONES = (Precision.FP32, Precision.BF16)
 
 
 class PrecisionError(RuntimeError):
@@ -71,6 +80,13 @@ class PrecisionSpec:
     backbone: Precision | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype is Precision.INT8:
+            if self.backbone not in _INT8_BACKBONES:
+                raise ValueError(
+                    "an int8 head needs its backbone's precision: fp32 or bf16, not "
+                    f"{self.backbone.value if self.backbone else 'none'}"
+                )
+            return
         if self.backbone is not None and self.backbone not in (Precision.FP32, self.dtype):
             raise ValueError(
                 f"backbone precision {self.backbone.value} under a {self.dtype.value} head: "
@@ -134,6 +150,8 @@ class PrecisionSpec:
             )
         if device.type == "cpu" and self.dtype is Precision.FP16:
             raise PrecisionError("fp16 is not supported on CPU; use fp32 or bf16")
+        if device.type != "cpu" and self.dtype is Precision.INT8:
+            raise PrecisionError(f"int8 runs on CPU only, not on {here}; use bf16 there")
         if device.type == "cuda" and self.dtype is Precision.BF16:
             if not torch.cuda.is_bf16_supported():
                 raise PrecisionError(f"{here} does not support bf16")

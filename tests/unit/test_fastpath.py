@@ -181,3 +181,21 @@ def test_folded_head_is_rebuilt_when_weights_change(mobilenet):
         head.cae.decoder[-1].weight.mul_(2.0)  # an optimiser step changes weights in place
     assert folded_head(head, extractor) is not before
     _assert_close(fast_error_grid(extractor, head, x), reference_error_grid(extractor, head, x))
+
+
+@pytest.mark.parametrize("backbone", ["vgg19_12", "mobilenet"])
+def test_int8_head_is_the_reference_within_its_rounding(request, backbone):
+    """The int8 head (dfr_core.quantized; opt-in, calibrated at int8) is the fp32 reference
+    up to its quantisation (per position and per channel): the error grid within 0.1 % of its
+    largest value, and not equal to it (the products really are int8)."""
+    config, extractor = request.getfixturevalue(backbone)
+    head = _head(config, extractor.channels, 64)
+    size = config.image_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    ref = reference_error_grid(extractor, head, x)
+    fold = folded_head(head, extractor, torch.int8)
+    assert fold.int8 and fold.w_last.q.dtype == torch.int8
+    got = fold.error_grid(extract_regional(extractor, x))
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 1e-3

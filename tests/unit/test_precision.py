@@ -55,8 +55,26 @@ def test_spec_rules():
         PrecisionSpec(Precision.BF16, "cuda:NVIDIA H200").check(cpu)
     with pytest.raises(PrecisionError, match="fp16 is not supported on CPU"):
         PrecisionSpec.for_device("fp16", cpu)
-    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        PrecisionSpec.for_device("int4", cpu)
+
+
+def test_int8_head_rules():
+    """int8 is a head precision on CPU only; its backbone's precision (fp32 or bf16) is always
+    recorded, since a backbone cannot run at int8."""
+    cpu = torch.device("cpu")
+    spec = PrecisionSpec.for_device("int8", cpu, backbone="bf16")
+    assert spec.to_dict() == {"dtype": "int8", "device_kind": "cpu", "backbone": "bf16"}
+    assert PrecisionSpec.from_dict(spec.to_dict()) == spec
+    assert (spec.torch_dtype, spec.backbone_dtype) == (torch.int8, torch.bfloat16)
+    assert spec.describe() == "int8@cpu (backbone bf16)"
+    with pytest.raises(ValueError, match="an int8 head needs its backbone's precision"):
         PrecisionSpec.for_device("int8", cpu)
+    with pytest.raises(ValueError, match="fp32 or bf16, not fp16"):
+        PrecisionSpec(Precision.INT8, "cpu", Precision.FP16)
+    meta = torch.device("meta")  # any non-CPU device (no GPU needed to check the refusal)
+    with pytest.raises(PrecisionError, match="int8 runs on CPU only, not on meta"):
+        PrecisionSpec(Precision.INT8, "meta", Precision.FP32).check(meta)
 
 
 def test_backbone_precision_rules():
@@ -124,6 +142,25 @@ def test_without_a_global_term_the_backbone_runs_at_the_calibrated_precision():
     model = DFRModel(extractor, head).eval()
     cal = calibrate(model, _images(3, 7), precision="bf16")
     assert cal.precision == {"dtype": "bf16", "device_kind": "cpu"}
+    # an int8 head (which a backbone cannot run at): the backbone at bf16
+    cal = calibrate(model, _images(3, 7), precision="int8")
+    assert cal.precision == {"dtype": "int8", "device_kind": "cpu", "backbone": "bf16"}
+
+
+def test_int8_calibration_is_recorded_and_computed_at_int8(model, tmp_path):
+    normal = _images(4, 1)
+    cal32 = calibrate(model, normal)
+    cal8 = calibrate(model, normal, precision="int8")
+    assert cal8.precision == {"dtype": "int8", "device_kind": "cpu", "backbone": "fp32"}
+    assert cal8.pixel_threshold != cal32.pixel_threshold  # really computed at int8
+    save_model(model, tmp_path, cal8)
+    loaded = load_model(tmp_path).model
+    assert loaded.precision == PrecisionSpec(Precision.INT8, "cpu", Precision.FP32)
+    images = _images(2, 2)
+    int8 = compute_maps(loaded, images)  # the model's own precision
+    fp32 = compute_maps(model, images, precision=PrecisionSpec())
+    assert not torch.equal(int8.anomaly_map, fp32.anomaly_map)
+    torch.testing.assert_close(int8.anomaly_map, fp32.anomaly_map, rtol=2e-2, atol=1e-3)
 
 
 def test_older_model_without_the_field_is_fp32(model, tmp_path):
@@ -157,9 +194,11 @@ def test_scoring_actor_refuses_a_precision_from_another_device_kind(model, tmp_p
     assert "calibrated at bf16 on cuda:NVIDIA H200" in actor.failed[LINE]
 
 
-@pytest.mark.parametrize("backbone", [None, "fp32"])
-def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path, backbone):
-    spec = PrecisionSpec(Precision.BF16, "cpu", backbone and Precision(backbone))
+@pytest.mark.parametrize(
+    ("dtype", "backbone"), [("bf16", None), ("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16")]
+)
+def test_scoring_actor_scores_at_the_calibrated_precision(model, tmp_path, dtype, backbone):
+    spec = PrecisionSpec(Precision(dtype), "cpu", backbone and Precision(backbone))
     actor = _actor(tmp_path, model, spec.to_dict())
     images = _images(3, 5)
     prepared = {i: Prepared(*prepare_image(ModelConfig(image_size=SIZE), img))
