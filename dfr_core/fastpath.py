@@ -197,8 +197,8 @@ class FoldedHead:
         """The first layer on pooled fine rows -> (rows, H1) fp32, its bias added."""
         if self.int8:
             shift, scale = self.in_fine
-            z = torch.addcmul(shift, fine, scale)  # standardised, then quantised in place
-            return int8_affine(z, self.w1_fine, self.b1, overwrite=True)
+            # standardised, then quantised in place (no name holds it: freed once quantised)
+            return int8_affine(torch.addcmul(shift, fine, scale), self.w1_fine, self.b1, True)
         return _affine_fp32(fine.to(self.dtype), self.w1_fine, self.b1)
 
     def _first_coarse(self, m: torch.Tensor, index: int) -> torch.Tensor:
@@ -271,7 +271,12 @@ class FoldedHead:
         rows = h.shape[0]
         if self.int8:  # quantised once for every channel group
             h = quantize_rows(h, overwrite=True)
-        err = self._group_error(h, fine, 0, nf) if nf else torch.zeros(rows, device=fine.device)
+        if self.int8:  # int8 GEMMs take scratch in proportion to their width: fine in blocks too
+            err = torch.zeros(rows, device=fine.device)
+            for lo, hi in channel_blocks(nf, fine.device):
+                err.add_(self._group_error(h, fine[:, lo:hi], lo, hi))
+        else:
+            err = self._group_error(h, fine, 0, nf) if nf else torch.zeros(rows, device=fine.device)
         start = nf
         for native in coarse:
             for lo, hi in channel_blocks(native.shape[-1], fine.device):
