@@ -8,9 +8,9 @@
 Per dataset: one model with the defaults (``--max-train`` / ``--epochs`` shrink the training, which
 only sets the weights both precisions then share), trained at fp32 on the training slice of
 `dfr_core.train.holdout_splits`. Then, for each precision in turn (fp32; bf16 as
-`dfr_core.calibrate.calibrate` records it by default, i.e. an fp32 backbone under a model with
-a global term; bf16 with a bf16 backbone too, "bf16-all"; int8, the head's products in int8
-(`dfr_core.quantized`), by default on an fp32 backbone, and on a bf16 backbone, "int8-bf16"), the
+`dfr_core.calibrate.calibrate` records it by default, i.e. on an fp32 backbone; bf16 with a bf16
+backbone too, "bf16-all"; int8, the head's products in int8 (`dfr_core.quantized`), on an fp32
+backbone by default, and on a bf16 one, "int8-bf16"), the
 thresholds are calibrated at that
 precision on the calibration slice (`dfr_core.calibrate.calibrate`, as ``train`` does), and the
 test split is scored through the shared batched forward at that precision
@@ -20,9 +20,8 @@ the largest relative change of maps and image scores, the change of the two thre
 many test images change their anomaly decision at the calibrated image threshold.
 
 ``--global-weight 0`` trains the model without the score's global term, as the paper's
-configuration scores: there a reduced-precision calibration runs the backbone at bf16 by default,
-so its rows are the parity of exactly what the speed benchmark's fast-bf16 and fast-int8 run. A
-precision whose spec equals an earlier row's (the default backbone spelled out) is not repeated.
+configuration scores (the speed benchmark's model). A precision whose spec equals an earlier
+row's is not repeated.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/speed.py --images 4 --rounds 3
 
 VGG19 relu1_1..relu4_4 (3456 channels), 256 px, CAE latent d = 200, batch 1, two threads; the
-per-position error grid of one image, computed five ways, each in its own subprocess (so peak
+per-position error grid of one image, computed six ways, each in its own subprocess (so peak
 RSS is clean), alternating method by method for ``--rounds`` rounds (the machine is shared:
 compare ratios within a round, not absolute times):
 
@@ -19,8 +19,8 @@ compare ratios within a round, not absolute times):
   the backbone's weights stored at bf16 as a bf16 scoring actor holds them
   (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights);
 - fast-int8: the head's products in int8 (`dfr_core.quantized`; opt-in: a model calibrated at
-  int8) on the same bf16 backbone, as `calibrate(..., precision="int8")` records it for this
-  configuration (no global term).
+  int8) on an fp32 backbone, as `calibrate(..., precision="int8")` records it by default;
+- fast-int8-bf16: the same head on the bf16 backbone of fast-bf16 (``backbone="bf16"``).
 
 "peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
 path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
@@ -49,10 +49,17 @@ import sys
 import threading
 import time
 
-METHODS = ("reference", "pooled", "fast", "fast-bf16", "fast-int8")
-#: The fast methods' (head precision, backbone precision) as `dfr_core.calibrate` records them
-#: for the paper's configuration (no global term: the backbone at bf16 under a reduced head).
-FAST = {"fast": ("fp32", None), "fast-bf16": ("bf16", None), "fast-int8": ("int8", "bf16")}
+METHODS = ("reference", "pooled", "fast", "fast-bf16", "fast-int8", "fast-int8-bf16")
+#: The fast methods' (head precision, backbone precision): fast-int8 is what
+#: `calibrate(..., precision="int8")` records by default (an fp32 backbone: the configuration
+#: within the parity criterion); fast-bf16 and fast-int8-bf16 run a bf16 backbone (faster,
+#: outside it on Magnetic-tile: BENCHMARKS.md, "Speed and memory").
+FAST = {
+    "fast": ("fp32", None),
+    "fast-bf16": ("bf16", "bf16"),
+    "fast-int8": ("int8", "fp32"),
+    "fast-int8-bf16": ("int8", "bf16"),
+}
 VGG19_12 = (
     "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
     "relu4_1", "relu4_2", "relu4_3", "relu4_4",

@@ -268,15 +268,15 @@ class FoldedHead:
                 h = h.relu_()
         # the last layer one channel group at a time (fine, then coarse blocks), minus that
         # group's standardised target: only one group's difference is ever held
-        rows = h.shape[0]
-        if self.int8:  # quantised once for every channel group
+        if self.int8:
+            # quantised once for every channel group; int8 GEMMs take scratch in proportion to
+            # their width, so the fine channels go in blocks too
+            err = torch.zeros(h.shape[0], device=fine.device)
             h = quantize_rows(h, overwrite=True)
-        if self.int8:  # int8 GEMMs take scratch in proportion to their width: fine in blocks too
-            err = torch.zeros(rows, device=fine.device)
             for lo, hi in channel_blocks(nf, fine.device):
                 err.add_(self._group_error(h, fine[:, lo:hi], lo, hi))
         else:
-            err = self._group_error(h, fine, 0, nf) if nf else torch.zeros(rows, device=fine.device)
+            err = self._group_error(h, fine, 0, nf) if nf else torch.zeros_like(h[:, 0]).float()
         start = nf
         for native in coarse:
             for lo, hi in channel_blocks(native.shape[-1], fine.device):

@@ -8,9 +8,9 @@ float rounding (TF32 is switched off for it on CUDA), so an fp32 model scores al
 GPU nodes of one run; a reduced-precision model runs only on the device kind it was calibrated
 on. Models written before this field existed were calibrated in fp32.
 
-A reduced-precision calibration may keep the backbone at fp32 (``backbone``): the score's global
-term (a Mahalanobis distance of pooled backbone features) amplifies bf16 rounding of the
-features, while the head's reconstruction error does not (`benchmarks/precision_parity.py`).
+A reduced-precision calibration may keep the backbone at fp32 (``backbone``; calibrate's
+default): a bf16 backbone's rounding of the features moves the scores beyond the parity
+criterion on real data, while a reduced-precision head does not (`benchmarks/precision_parity.py`).
 ``backbone`` absent (every model written before it existed) means the backbone runs at ``dtype``.
 
 ``int8`` is a head precision only, on CPU (`dfr_core.quantized`: the head's matrix products in

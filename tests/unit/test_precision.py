@@ -118,9 +118,9 @@ def test_recorded_restored_and_enforced(model, tmp_path):
 
 
 def test_bf16_head_keeps_the_backbone_exact(model):
-    """Under the default bf16 calibration of a model with a global term, the backbone pass
-    (hence the pooled features of the global term) is bit-identical to fp32's; only the
-    head runs in bf16. A bf16 backbone ("bf16-all") really differs."""
+    """Under the default bf16 calibration, the backbone pass (hence the pooled features of the
+    global term) is bit-identical to fp32's; only the head runs in bf16. A bf16 backbone
+    ("bf16-all") really differs."""
     x = to_model_input(_images(2, 6), torch.device("cpu"))
     fp32 = extract(model.extractor, x, PrecisionSpec())
     split = extract(model.extractor, x, PrecisionSpec(Precision.BF16, "cpu", Precision.FP32))
@@ -135,15 +135,20 @@ def test_bf16_head_keeps_the_backbone_exact(model):
     assert not torch.equal(head_only.anomaly_map, exact.anomaly_map)  # the head is bf16
 
 
-def test_without_a_global_term_the_backbone_runs_at_the_calibrated_precision():
-    config = ModelConfig(image_size=SIZE, global_weight=0.0)  # e.g. the paper's configuration
+def test_the_backbone_stays_fp32_by_default_and_bf16_is_explicit():
+    """Whatever the score (here without a global term, as the paper's configuration scores),
+    a reduced-precision head keeps an fp32 backbone unless a bf16 one is asked for."""
+    config = ModelConfig(image_size=SIZE, global_weight=0.0)
     extractor = build_extractor(config).eval()
     head = DFRHead(config, extractor.channels, 8).eval()
     model = DFRModel(extractor, head).eval()
-    cal = calibrate(model, _images(3, 7), precision="bf16")
-    assert cal.precision == {"dtype": "bf16", "device_kind": "cpu"}
-    # an int8 head (which a backbone cannot run at): the backbone at bf16
-    cal = calibrate(model, _images(3, 7), precision="int8")
+    normal = _images(3, 7)
+    for precision in ("bf16", "int8"):
+        cal = calibrate(model, normal, precision=precision)
+        assert cal.precision == {"dtype": precision, "device_kind": "cpu", "backbone": "fp32"}
+    cal = calibrate(model, normal, precision="bf16", backbone="bf16")
+    assert cal.precision == {"dtype": "bf16", "device_kind": "cpu"}  # the older spelling
+    cal = calibrate(model, normal, precision="int8", backbone="bf16")
     assert cal.precision == {"dtype": "int8", "device_kind": "cpu", "backbone": "bf16"}
 
 
