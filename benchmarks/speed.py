@@ -26,7 +26,7 @@ compare ratios within a round, not absolute times):
 path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
 high-water mark is reset at that point, so "peak RSS" is the computation's peak, not the
 model build's (building VGG19 peaks higher than the fast path ever does). It is printed two
-ways: all RSS (the kernel's VmHWM, which also counts the 25-31 MB of oneDNN code from
+ways: all RSS (the kernel's VmHWM, which also counts the 12-31 MB of oneDNN code from
 libtorch that the first convolution and matmul page in: file-backed, shared by every process,
 the same for any computation that calls them), and the anonymous memory, the activations
 (sampled every millisecond by `_AnonPeak`, in a second child of the same method, so the
@@ -106,7 +106,7 @@ def _anon_mb() -> float:
 class _AnonPeak:
     """The peak of `_anon_mb` while the block runs, sampled every millisecond by a thread.
 
-    VmHWM also counts file-backed pages: the first convolution and matmul page in 25-31 MB
+    VmHWM also counts file-backed pages: the first convolution and matmul page in 12-31 MB
     of oneDNN code from libtorch on the dev machine (shared by every process on the node, the
     same for any computation that calls it). The anonymous peak is the activations' memory.
     Sampling can miss a peak shorter than a millisecond: a lower bound, checked against VmHWM

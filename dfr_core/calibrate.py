@@ -130,7 +130,8 @@ def _outputs_of(
 #: without it, as the paper's configuration scores), while a bf16 or int8 head on an fp32
 #: backbone stays within the criterion on both shared datasets (`benchmarks/precision_parity.py`,
 #: with and without ``--global-weight 0``). A bf16 backbone is an explicit choice
-#: (``backbone="bf16"``): about 1.7x faster for VGG19, at that cost in parity.
+#: (``backbone="bf16"``): VGG19's backbone 1.7-1.9x faster (`benchmarks/speed.py`), at that
+#: cost in parity.
 DEFAULT_BACKBONE = "fp32"
 
 
