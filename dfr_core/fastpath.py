@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from dfr_core.features import FeatureExtractor, apply_regional
-from dfr_core.quantized import Int8Rows, int8_affine, int8_product, quantize_rows, quantize_weight
+from dfr_core.quantized import (
+    Int8Rows,
+    Int8Weight,
+    int8_affine,
+    int8_product,
+    quantize_rows,
+    quantize_weight,
+)
 from dfr_core.regional_maps import (
     RegionalMaps,
     channel_layout,
@@ -79,8 +86,8 @@ def chunk_rows(width: int, grid_w: int, device: torch.device | None = None) -> i
 
 
 class _Linear(NamedTuple):
-    weight: torch.Tensor  # (out, in)
-    bias: torch.Tensor  # (out, 1)
+    weight: torch.Tensor | Int8Weight  # (out, in); Int8Weight in an int8 FoldedHead
+    bias: torch.Tensor  # (out, 1) as folded; (out,) in a FoldedHead
     relu: bool
 
 
