@@ -59,15 +59,21 @@ def test_spec_rules():
         PrecisionSpec.for_device("int4", cpu)
 
 
+def _assert_split_spec(spec: PrecisionSpec, head: str, backbone: str, dtypes: tuple) -> None:
+    """A CPU spec whose backbone's precision differs from its head's: recorded, restored,
+    resolved to torch dtypes and described as such."""
+    assert spec.to_dict() == {"dtype": head, "device_kind": "cpu", "backbone": backbone}
+    assert PrecisionSpec.from_dict(spec.to_dict()) == spec
+    assert (spec.torch_dtype, spec.backbone_dtype) == dtypes
+    assert spec.describe() == f"{head}@cpu (backbone {backbone})"
+
+
 def test_int8_head_rules():
     """int8 is a head precision on CPU only; its backbone's precision (fp32 or bf16) is always
     recorded, since a backbone cannot run at int8."""
     cpu = torch.device("cpu")
     spec = PrecisionSpec.for_device("int8", cpu, backbone="bf16")
-    assert spec.to_dict() == {"dtype": "int8", "device_kind": "cpu", "backbone": "bf16"}
-    assert PrecisionSpec.from_dict(spec.to_dict()) == spec
-    assert (spec.torch_dtype, spec.backbone_dtype) == (torch.int8, torch.bfloat16)
-    assert spec.describe() == "int8@cpu (backbone bf16)"
+    _assert_split_spec(spec, "int8", "bf16", (torch.int8, torch.bfloat16))
     with pytest.raises(ValueError, match="an int8 head needs its backbone's precision"):
         PrecisionSpec.for_device("int8", cpu)
     with pytest.raises(ValueError, match="fp32 or bf16, not fp16"):
@@ -80,10 +86,7 @@ def test_int8_head_rules():
 def test_backbone_precision_rules():
     cpu = torch.device("cpu")
     split = PrecisionSpec.for_device("bf16", cpu, backbone="fp32")
-    assert split.to_dict() == {"dtype": "bf16", "device_kind": "cpu", "backbone": "fp32"}
-    assert PrecisionSpec.from_dict(split.to_dict()) == split
-    assert (split.torch_dtype, split.backbone_dtype) == (torch.bfloat16, torch.float32)
-    assert split.describe() == "bf16@cpu (backbone fp32)"
+    _assert_split_spec(split, "bf16", "fp32", (torch.bfloat16, torch.float32))
     # the same precision spelled out is the same spec (and model.json keeps its old form)
     same = PrecisionSpec.for_device("bf16", cpu, backbone="bf16")
     assert same == PrecisionSpec(Precision.BF16, "cpu") and "backbone" not in same.to_dict()
