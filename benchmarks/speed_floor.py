@@ -15,8 +15,9 @@ batch 1, two threads, random weights). In one process, alternating in every roun
 - **full**: `extract_regional` + `FoldedHead.error_grid`, what `speed.py` times as fast-bf16.
 
 ``--precision int8``: the head's products are int8 GEMMs (`torch._int_mm` on int8 operands, as
-`dfr_core.quantized` runs them) on the same bf16 backbone, and "full" is speed.py's fast-int8;
-the rest then also holds quantising each product's input and scaling its output back.
+`dfr_core.quantized` runs them, in its blocks) on the same bf16 backbone, and "full" is
+speed.py's fast-int8-bf16; the rest then also holds quantising each product's input and
+scaling its output back.
 
 Printed per round and as medians: ms per image of each part, their multiply-adds and rates,
 and "rest" = full - convs - head GEMMs: everything that is neither a convolution nor one of
@@ -35,11 +36,18 @@ import torch
 from speed import VGG19_12  # the same layers as speed.py (this folder is on sys.path)
 
 from dfr_core.config import ModelConfig
-from dfr_core.fastpath import FoldedHead, channel_blocks, chunk_rows, extract_regional, folded_head
+from dfr_core.fastpath import (
+    QUANT_BYTES,
+    FoldedHead,
+    channel_blocks,
+    chunk_rows,
+    extract_regional,
+    folded_head,
+)
 from dfr_core.inference import prepare_extractor
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
-from dfr_core.quantized import Int8Weight
+from dfr_core.quantized import OUT_BLOCK, Int8Weight
 from dfr_core.regional_maps import autocast_to
 
 
@@ -79,12 +87,25 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
     def matrix(w: torch.Tensor | Int8Weight) -> torch.Tensor:
         return w.q if isinstance(w, Int8Weight) else w
 
-    pairs = [
-        (operand(h * w_, matrix(w).shape[1]), matrix(w))
-        for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True)
-    ]
-    # the last layer in channel groups, as `FoldedHead._chunk` runs it: fine, then coarse blocks
-    groups = [(0, nf)] if nf else []
+    def blocks(x: torch.Tensor, w: torch.Tensor, step: int | None = None) -> list:
+        """int8: the shapes `dfr_core.quantized.int8_product` runs (OUT_BLOCK output channels
+        per GEMM; ``step`` rows at a time where `FoldedHead` blocks the rows too)."""
+        if not fold.int8:
+            return [(x, w)]
+        step = step or x.shape[0]
+        return [
+            (x[r : r + step], w[lo : lo + OUT_BLOCK])
+            for r in range(0, x.shape[0], step)
+            for lo in range(0, w.shape[0], OUT_BLOCK)
+        ]
+
+    pairs = []
+    for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True):
+        m = matrix(w)  # int8: native positions in blocks of QUANT_BYTES of fp32 input
+        pairs += blocks(operand(h * w_, m.shape[1]), m, QUANT_BYTES // (4 * max(m.shape)))
+    # the last layer in channel groups, as `FoldedHead._chunk` runs it: fine (int8: in
+    # channel blocks too), then coarse blocks
+    groups = channel_blocks(nf) if fold.int8 else [(0, nf)] if nf else []
     start = nf
     for width in fold.layout.coarse_widths:
         groups += [(start + lo, start + hi) for lo, hi in channel_blocks(width)]
@@ -93,7 +114,9 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
         n = (min(r0 + rows, gh) - r0) * g
         weights = [matrix(fold.w1_fine)] + [matrix(layer.weight) for layer in fold.middle]
         weights += [matrix(fold.w_last)[lo:hi] for lo, hi in groups]
-        pairs += [(operand(n, w.shape[1]), w) for w in weights if w.shape[1]]
+        for w in weights:
+            if w.shape[1]:
+                pairs += blocks(operand(n, w.shape[1]), w)
     macs = sum(w.shape[0] * w.shape[1] * x.shape[0] for x, w in pairs)
     return pairs, macs
 
@@ -163,7 +186,8 @@ def main() -> None:
     )
     floor = med["convs"] + med["head GEMMs"]
     print(f"| floor (convs + head GEMMs) | {floor:.0f} | {(cmacs + gemm_macs) / 1e9:.1f} | - |")
-    print(f"| full fast-{args.precision} | {med['full']:.0f} | - | - |")
+    method = "fast-bf16" if args.precision == "bf16" else "fast-int8-bf16"  # speed.py's name
+    print(f"| full {method} | {med['full']:.0f} | - | - |")
     print(f"| rest (full - floor) | {statistics.median(rests):.0f} | - | - |")
 
 
