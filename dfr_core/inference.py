@@ -65,8 +65,12 @@ def prepare_extractor(
     """An extractor made ready to score at ``precision`` only (a scoring actor keeps one per
     backbone and backbone precision): on the device, channels_last, and, for a bf16/fp16
     backbone, its weights stored at that precision (`FeatureExtractor.cast_backbone`: the same
-    maps as autocast, at half the weights' memory and no per-batch weight copies)."""
+    maps as autocast, at half the weights' memory and no per-batch weight copies); an fp32
+    backbone on the CPU runs its wide 3x3 convolutions as Winograd F(2x2, 3x3)
+    (`dfr_core.winograd`: the same maps to fp32 rounding, 2.25x fewer multiply-adds)."""
     extractor = prepare_for_device(extractor.eval(), device)
+    if device.type == "cpu" and precision.backbone_dtype == torch.float32:
+        extractor.backbone.use_winograd()
     return extractor.cast_backbone(precision.backbone_dtype)
 
 

@@ -20,6 +20,7 @@ from dfr_core.backbones.weights import (
     offline_weights,
     sha256_file,
 )
+from dfr_core.winograd import use_winograd
 
 logger = logging.getLogger("dfr_core.backbones")
 
@@ -90,6 +91,13 @@ class FeatureBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.iter_maps(x))
+
+    def use_winograd(self) -> int:
+        """Run the wide 3x3 convolutions as Winograd F(2x2, 3x3) (`dfr_core.winograd`: fp32
+        CPU inference only), in the steps up to the deepest requested layer: those past it
+        never run and keep their plain weights. Returns how many were replaced."""
+        steps = zip(range(self._steps[-1] + 1), self._iter_steps(self.model), strict=False)
+        return use_winograd(self.model, [s for _, s in steps if isinstance(s, nn.Module)])
 
     def extra_repr(self) -> str:
         names = ", ".join(layer.name for layer in self.layers)
