@@ -14,12 +14,15 @@ compare ratios within a round, not absolute times):
   `DFRHead.error_grid`);
 - pooled (before this change): native-resolution pooling (`FeatureExtractor`) + the same head;
 - fast: the exact fast path (`dfr_core.fastpath`: coarse layers' first CAE layer at native
-  resolution, BN/standardisation folded, chunked positions) with a channels_last backbone;
+  resolution, BN/standardisation folded, chunked positions) with a channels_last backbone
+  prepared as a scoring actor prepares it (`dfr_core.inference.prepare_extractor`: at fp32 on
+  the CPU, the wide 3x3 convolutions as Winograd F(2x2, 3x3), `dfr_core.winograd`);
 - fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision),
   the backbone's weights stored at bf16 as a bf16 scoring actor holds them
   (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights);
 - fast-int8: the head's products in int8 (`dfr_core.quantized`; opt-in: a model calibrated at
-  int8) on an fp32 backbone, as `calibrate(..., precision="int8")` records it by default;
+  int8) on an fp32 backbone (Winograd, as in fast), as `calibrate(..., precision="int8")`
+  records it by default;
 - fast-int8-bf16: the same head on the bf16 backbone of fast-bf16 (``backbone="bf16"``).
 
 "peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
