@@ -30,11 +30,14 @@ from torch import nn
 #: Input channels from which a 3x3 convolution runs as Winograd (see the module docstring).
 MIN_CHANNELS = 256
 
-#: Bytes of the transformed input (16 tile elements x tiles x channels, fp32) of one band.
-#: Chosen by an ad-hoc in-process A/B of VGG19-12's backbone at 256 px on the 2-core dev
-#: machine (not a committed benchmark): 230-239 ms with plain convolutions; 197-210 with
-#: 4 MiB bands, 189-193 with 8 MiB, 184 with 16 MiB (VGG19's relu3_x layers in two bands).
-BAND_BYTES = 8 << 20
+#: Bytes of the transformed input (16 tile elements x tiles x channels, fp32) of one band:
+#: VGG19 at 256 px runs every Winograd layer in one band (relu3_x: 16 MiB, relu4_x: 8 MiB).
+#: Chosen by ad-hoc in-process A/Bs of VGG19-12's backbone at 256 px on the 2-core dev machine
+#: (not a committed benchmark): 226-239 ms with plain convolutions; 197-210 with 4 MiB
+#: bands, 189-202 with 8 MiB, 200-201 with 12 MiB and 184-194 with 16 MiB. The price is
+#: memory: a band's transformed input and products (33.5 MiB for relu3_x here) are held
+#: while it runs; smaller bands bound them for larger images.
+BAND_BYTES = 16 << 20
 
 # Filter transform G (4 x 3): U = G g G^T.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -85,7 +88,8 @@ class Winograd3x3(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1)
         out = torch.empty(n, 2 * th, 2 * tw, self.out_channels, device=x.device)
-        rows = max(1, BAND_BYTES // (16 * tw * max(self.in_channels, self.out_channels) * 4))
+        most = max(1, BAND_BYTES // (16 * tw * max(self.in_channels, self.out_channels) * 4))
+        rows = -(-th // -(-th // most))  # tile rows per band: as many bands as needed, equal
         for i in range(n):
             for r0 in range(0, th, rows):
                 r1 = min(th, r0 + rows)
