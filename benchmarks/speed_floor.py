@@ -35,15 +35,9 @@ import time
 import torch
 from speed import VGG19_12  # the same layers as speed.py (this folder is on sys.path)
 
+from dfr_core.chunks import QUANT_BYTES, channel_blocks, chunk_rows, row_parts
 from dfr_core.config import ModelConfig
-from dfr_core.fastpath import (
-    QUANT_BYTES,
-    FoldedHead,
-    channel_blocks,
-    chunk_rows,
-    extract_regional,
-    folded_head,
-)
+from dfr_core.fastpath import FoldedHead, extract_regional, folded_head
 from dfr_core.inference import prepare_extractor
 from dfr_core.model import DFRHead, build_extractor
 from dfr_core.precision import PrecisionSpec
@@ -75,7 +69,7 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
     (``operand @ weight.T``, positions as rows), and their multiply-adds; operands are fixed
     random tensors of the right shapes and dtype."""
     gh, g = fold.grid_hw
-    rows = chunk_rows(fold.width, g)
+    parts = row_parts(gh, chunk_rows(fold.width, g, dtype=fold.dtype))
     nf = fold.layout.n_fine
     gen = torch.Generator().manual_seed(0)
 
@@ -110,8 +104,8 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
     for width in fold.layout.coarse_widths:
         groups += [(start + lo, start + hi) for lo, hi in channel_blocks(width)]
         start += width
-    for r0 in range(0, gh, rows):
-        n = (min(r0 + rows, gh) - r0) * g
+    for r0, r1 in parts:
+        n = (r1 - r0) * g
         weights = [matrix(fold.w1_fine)] + [matrix(layer.weight) for layer in fold.middle]
         weights += [matrix(fold.w_last)[lo:hi] for lo, hi in groups]
         for w in weights:

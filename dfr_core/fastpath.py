@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from dfr_core.chunks import QUANT_BYTES, channel_blocks, chunk_rows, row_parts
 from dfr_core.features import FeatureExtractor, apply_regional
 from dfr_core.quantized import (
     Int8Rows,
@@ -49,40 +50,6 @@ from dfr_core.regional_maps import (
     pooled_means,
     row_support,
 )
-
-#: Bytes of the widest fp32 tensor of one chunk (head width x positions): about a quarter of a
-#: 32 MiB L3, so a chunk's product, difference and pooled bands stay in cache while its matmuls
-#: are still large. VGG19-12 at 256 px (3456 channels) gets 8 grid rows of 64, 512 positions;
-#: narrow heads (the default backbone, 232 channels) take the whole 64 x 64 grid at once.
-#: Chosen by an ad-hoc in-process A/B on the 2-core AVX-512 dev machine (not a committed
-#: benchmark): for VGG19-12, 512 positions were faster than 1,024 and 256, with half the
-#: head's working memory of 1,024; for the default backbone, the whole grid was as fast as
-#: 1,024 and 512 was slower. Rechecked after the position-major rewrite (same kind of A/B):
-#: 256 positions were still about 5 % slower for VGG19-12. BENCHMARKS.md's figures are at
-#: this value.
-CHUNK_BYTES = 7 << 20
-
-#: Bytes of fp32 input per block of the int8 first layer at the coarse maps' native positions
-#: (VGG19-12: 256 of relu4_x's 1,024): its standardised copy, int8 copy and int32 product stay
-#: a few MiB while the product is still a large GEMM.
-QUANT_BYTES = 2 << 20
-
-#: The same bound on CUDA, where a chunk is sized by memory, not by a cache: CPU-sized chunks
-#: and channel groups leave a GPU waiting on kernel launches (the paper configuration ran at
-#: 65-72 images/s on an H200 with them, `benchmarks/gpu_check.py`). 256 MiB takes VGG19-12's
-#: whole 64 x 64 grid of one image in one chunk (56 MiB for its widest tensor).
-CUDA_CHUNK_BYTES = 256 << 20
-
-
-def _on_cuda(device: torch.device | None) -> bool:
-    return device is not None and device.type == "cuda"
-
-
-def chunk_rows(width: int, grid_w: int, device: torch.device | None = None) -> int:
-    """Grid rows per chunk for a head whose widest layer has ``width`` channels, on
-    ``device`` (None: the CPU)."""
-    budget = CUDA_CHUNK_BYTES if _on_cuda(device) else CHUNK_BYTES
-    return max(1, budget // (4 * width * grid_w))
 
 
 class _Linear(NamedTuple):
@@ -308,7 +275,7 @@ class FoldedHead:
         sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps.coarse)
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
-        rows = chunk_rows(self.width, g, maps.fine.device)
+        parts = row_parts(gh, chunk_rows(self.width, g, maps.fine.device, self.dtype))
         out = torch.empty(b, gh * g, device=maps.fine.device)
         for i in range(b):
             fine = _positions(maps.fine[i]).flatten(0, 1)
@@ -316,23 +283,9 @@ class FoldedHead:
             # the widest matmul, on the coarse layers' native positions (exact: R is linear)
             # (kept in the compute dtype the GEMM returns: converted band by band, in _band)
             first = [self._first_coarse(m, k) for k, m in enumerate(coarse)]
-            for r0 in range(0, gh, rows):
-                r1 = min(r0 + rows, gh)
+            for r0, r1 in parts:
                 out[i, r0 * g : r1 * g] = self._chunk(fine, coarse, first, r0, r1)
         return out.view(b, gh, g)
-
-
-#: Channels of a coarse map mapped onto the grid at a time (VGG19-12: one relu4_x layer):
-#: bounds a band's fp32 rows and products to rows x 512, a few MiB, within a chunk. On CUDA
-#: a map is handled whole (fewer, larger kernels; memory is bounded by CUDA_CHUNK_BYTES).
-BAND_CHANNELS = 512
-
-
-def channel_blocks(channels: int, device: torch.device | None = None) -> list[tuple[int, int]]:
-    """The (lo, hi) channel ranges, BAND_CHANNELS wide (on CUDA: one), a coarse map and the
-    last layer are handled in."""
-    step = channels if _on_cuda(device) else BAND_CHANNELS
-    return [(lo, min(lo + step, channels)) for lo in range(0, channels, max(step, 1))]
 
 
 def _positions(fmap: torch.Tensor) -> torch.Tensor:
@@ -380,10 +333,8 @@ def fast_error_grid(extractor: FeatureExtractor, head: nn.Module, x: torch.Tenso
 
 
 __all__ = [
-    "CHUNK_BYTES",
     "FoldedHead",
     "RegionalMaps",
-    "chunk_rows",
     "extract_regional",
     "fast_error_grid",
     "folded_head",

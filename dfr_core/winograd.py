@@ -88,8 +88,7 @@ class Winograd3x3(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1)
         out = torch.empty(n, 2 * th, 2 * tw, self.out_channels, device=x.device)
-        most = max(1, BAND_BYTES // (16 * tw * max(self.in_channels, self.out_channels) * 4))
-        rows = -(-th // -(-th // most))  # tile rows per band: as many bands as needed, equal
+        rows = max(1, BAND_BYTES // (16 * tw * max(self.in_channels, self.out_channels) * 4))
         for i in range(n):
             for r0 in range(0, th, rows):
                 r1 = min(th, r0 + rows)

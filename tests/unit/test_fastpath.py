@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfr_core import fastpath
+from dfr_core import chunks
+from dfr_core.chunks import chunk_rows, row_parts
 from dfr_core.config import ModelConfig
 from dfr_core.fastpath import (
-    chunk_rows,
     extract_regional,
     fast_error_grid,
     folded_head,
@@ -86,11 +86,11 @@ def test_vgg19_12_in_cuda_sized_chunks_equals_reference(vgg19_12, monkeypatch):
     """On CUDA a chunk is a whole grid and a coarse map one band (fewer kernel launches): the
     same sizes forced on the CPU give the reference's numbers."""
     cuda = torch.device("cuda")  # a device object only: nothing runs on it here
-    assert chunk_rows(3456, 64, cuda) >= 64 and fastpath.channel_blocks(2048, cuda) == [(0, 2048)]
-    assert fastpath.channel_blocks(2048) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
+    assert chunk_rows(3456, 64, cuda) >= 64 and chunks.channel_blocks(2048, cuda) == [(0, 2048)]
+    assert chunks.channel_blocks(2048) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
     config, extractor = vgg19_12
-    monkeypatch.setattr(fastpath, "CHUNK_BYTES", fastpath.CUDA_CHUNK_BYTES)
-    monkeypatch.setattr(fastpath, "BAND_CHANNELS", 1 << 20)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", chunks.CUDA_CHUNK_BYTES)
+    monkeypatch.setattr(chunks, "BAND_CHANNELS", 1 << 20)
     head = _head(config, extractor.channels, 64)
     assert chunk_rows(folded_head(head, extractor).width, 32) >= 32  # one chunk per image
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
@@ -143,7 +143,7 @@ def test_default_backbone_outputs_equal_reference(
     chunks of 5 grid rows (the last one shorter), which must give the same numbers."""
     config, extractor = mobilenet
     if chunk_bytes is not None:
-        monkeypatch.setattr(fastpath, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(chunks, "CHUNK_BYTES", chunk_bytes)
         assert chunk_rows(extractor.channels, 64) == 5
     config = ModelConfig(image_size=256, feature_norm=feature_norm)
     head = _head(config, extractor.channels, 40, seed=3)
@@ -199,3 +199,31 @@ def test_int8_head_is_the_reference_within_its_rounding(request, backbone):
     assert got.shape == ref.shape and got.dtype == torch.float32
     rel = float((got - ref).abs().max() / ref.abs().max())
     assert 0 < rel < 1e-3
+
+
+def test_row_parts_cover_the_rows_in_near_equal_parts():
+    assert row_parts(64, 8) == [(k * 8, k * 8 + 8) for k in range(8)]
+    assert row_parts(64, 100) == [(0, 64)]
+    parts = row_parts(32, 5)  # 7 parts: 4 or 5 rows, never a 2-row tail
+    assert len(parts) == 7 and parts[0][0] == 0 and parts[-1][1] == 32
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+    assert {r1 - r0 for r0, r1 in parts} == {4, 5}
+
+
+def test_int8_head_in_chunks_of_any_size_gives_the_same_grid(vgg19_12, monkeypatch):
+    """An int8 head's chunks are larger than an fp32 head's (INT8_CHUNK_BYTES). Every position
+    is quantised on its own scale and its int32 products are exact, so the cut changes only
+    the fp32 rounding of the regional bands (GEMMs over each chunk's native rows), which a
+    requantisation can turn into a step of one int8 level somewhere: far below the int8
+    head's own 1e-3 bound against fp32."""
+    config, extractor = vgg19_12
+    head = _head(config, extractor.channels, 64)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    maps = extract_regional(extractor, x)
+    assert chunk_rows(3456, 32, dtype=torch.int8) >= 32  # the whole 32 x 32 grid at once
+    assert chunk_rows(3456, 32, dtype=torch.int8) > chunk_rows(3456, 32)
+    whole = folded_head(head, extractor, torch.int8).error_grid(maps)
+    monkeypatch.setattr(chunks, "INT8_CHUNK_BYTES", 4 * 3456 * 32 * 5)
+    assert chunk_rows(3456, 32, dtype=torch.int8) == 5  # 7 chunks of 4-5 grid rows
+    chunked = folded_head(head, extractor, torch.int8).error_grid(maps)
+    assert float((chunked - whole).abs().max() / whole.abs().max()) < 1e-4  # 1.4e-7 here

@@ -1,0 +1,93 @@
+"""How much work the fast path does at a time (dfr_core.fastpath, benchmarks/speed_floor.py).
+
+The head runs on chunks of grid rows and on blocks of channels so that no full-width tensor is
+ever held for a whole image and each chunk's matrix products stay in cache while still large;
+on CUDA, where the bound is memory rather than a cache, chunks are sized for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Bytes of the widest fp32 tensor of one chunk (head width x positions): about a quarter of a
+#: 32 MiB L3, so a chunk's product, difference and pooled bands stay in cache while its matmuls
+#: are still large. VGG19-12 at 256 px (3456 channels) gets 8 grid rows of 64, 512 positions;
+#: narrow heads (the default backbone, 232 channels) take the whole 64 x 64 grid at once.
+#: Chosen by an ad-hoc in-process A/B on the 2-core AVX-512 dev machine (not a committed
+#: benchmark): for VGG19-12, 512 positions were faster than 1,024 and 256, with half the
+#: head's working memory of 1,024; for the default backbone, the whole grid was as fast as
+#: 1,024 and 512 was slower. Rechecked after the position-major rewrite (same kind of A/B):
+#: 256 positions were still about 5 % slower for VGG19-12. BENCHMARKS.md's figures are at
+#: this value.
+CHUNK_BYTES = 7 << 20
+
+#: The same bound for an int8 head (CPU): int8 GEMMs reach their rate only with more rows, and
+#: each chunk repeats the quantisation passes' fixed costs. VGG19-12 at 256 px: 3 chunks of
+#: 20-22 grid rows. Ad-hoc in-process A/Bs of the int8 head on the 2-core dev machine (not a
+#: committed benchmark), ms per image: 186-190 at 7 MiB, 174-179 at 14, 170 at 21, 169-173
+#: at 28, 170-175 for the whole grid; the chunk's temporaries grow with it (about 3x those
+#: of 7 MiB here), hence not the whole grid.
+INT8_CHUNK_BYTES = 21 << 20
+
+#: Bytes of fp32 input per block of the int8 first layer at the coarse maps' native positions
+#: (VGG19-12: 256 of relu4_x's 1,024): its standardised copy, int8 copy and int32 product stay
+#: a few MiB while the product is still a large GEMM.
+QUANT_BYTES = 2 << 20
+
+#: The same bound on CUDA, where a chunk is sized by memory, not by a cache: CPU-sized chunks
+#: and channel groups leave a GPU waiting on kernel launches (the paper configuration ran at
+#: 65-72 images/s on an H200 with them, `benchmarks/gpu_check.py`). 256 MiB takes VGG19-12's
+#: whole 64 x 64 grid of one image in one chunk (56 MiB for its widest tensor).
+CUDA_CHUNK_BYTES = 256 << 20
+
+
+def on_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"
+
+
+def chunk_rows(
+    width: int,
+    grid_w: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Grid rows per chunk (at most) for a head whose widest layer has ``width`` channels, on
+    ``device`` (None: the CPU), computing at ``dtype``."""
+    if on_cuda(device):
+        budget = CUDA_CHUNK_BYTES
+    else:
+        budget = INT8_CHUNK_BYTES if dtype == torch.int8 else CHUNK_BYTES
+    return max(1, budget // (4 * width * grid_w))
+
+
+def row_parts(total: int, most: int) -> list[tuple[int, int]]:
+    """``total`` rows cut into as few parts of at most ``most`` rows as possible, of heights
+    differing by one at most (no short last part doing a full part's fixed work): (r0, r1)."""
+    parts = -(-total // max(most, 1))
+    return [(k * total // parts, (k + 1) * total // parts) for k in range(parts)]
+
+
+#: Channels of a coarse map mapped onto the grid at a time (VGG19-12: one relu4_x layer):
+#: bounds a band's fp32 rows and products to rows x 512, a few MiB, within a chunk. On CUDA
+#: a map is handled whole (fewer, larger kernels; memory is bounded by CUDA_CHUNK_BYTES).
+BAND_CHANNELS = 512
+
+
+def channel_blocks(channels: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    """The (lo, hi) channel ranges, BAND_CHANNELS wide (on CUDA: one), a coarse map and the
+    last layer are handled in."""
+    step = channels if on_cuda(device) else BAND_CHANNELS
+    return [(lo, min(lo + step, channels)) for lo in range(0, channels, max(step, 1))]
+
+
+__all__ = [
+    "BAND_CHANNELS",
+    "CHUNK_BYTES",
+    "CUDA_CHUNK_BYTES",
+    "INT8_CHUNK_BYTES",
+    "QUANT_BYTES",
+    "channel_blocks",
+    "chunk_rows",
+    "on_cuda",
+    "row_parts",
+]
