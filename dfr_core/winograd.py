@@ -10,8 +10,10 @@ additions (one of the algorithms cuDNN chooses from on a GPU). Its rounding stay
 against a float64 convolution, beside oneDNN's own fp32 error.
 
 The transformed input of a band of tile rows, the 16 GEMMs (one per tile element) and the
-output transform run band by band (`BAND_BYTES`), one transformed row of the input held at a
-time, so the extra memory is a band's, not the whole transformed map's (4x the input). Only
+output transform run band by band (`BAND_BYTES`), one transformed row of the input (4 of the
+16 tile elements) held at a time and multiplied before the next, so the extra memory is a
+band's products and a quarter of its transformed input, not the whole transformed map's (4x
+the input). Only
 wide layers gain: ad-hoc timings at 256 px, 2 threads, each layer alone, 256->256 at 64 x 64
 about 18 against 22 ms, 512->512 at 32 x 32 about 15 against 24 ms; at 64 or 128 input
 channels the transforms cost more than they save, hence `MIN_CHANNELS`. Inference only (the
@@ -35,8 +37,8 @@ MIN_CHANNELS = 256
 #: Chosen by ad-hoc in-process A/Bs of VGG19-12's backbone at 256 px on the 2-core dev machine
 #: (not a committed benchmark): 226-239 ms with plain convolutions; 197-210 with 4 MiB
 #: bands, 189-202 with 8 MiB, 200-201 with 12 MiB and 184-194 with 16 MiB. The price is
-#: memory: a band's transformed input and products (33.5 MiB for relu3_x here) are held
-#: while it runs; smaller bands bound them for larger images.
+#: memory: a band's products and a quarter of its transformed input (21 MiB for relu3_x
+#: here) are held while it runs; smaller bands bound them for larger images.
 BAND_BYTES = 16 << 20
 
 # Filter transform G (4 x 3): U = G g G^T.
@@ -102,14 +104,19 @@ class Winograd3x3(nn.Module):
         """Padded input rows (2n+2, 2tw+2, Cin) -> output rows (2n, 2tw, Cout), in ``out``."""
         n, tw = out.shape[0] // 2, out.shape[1] // 2
         tile_rows = [d[a::2][:n] for a in range(4)]  # row a of every tile: (n, 2tw+2, Cin)
-        v = torch.empty(4, 4, n, tw, self.in_channels, device=d.device)
-        for k, (i, j, sign) in enumerate(_BT):  # B^T d B, one transformed row held at a time
-            row = torch.add(tile_rows[i], tile_rows[j], alpha=sign)
+        m = torch.empty(16, n * tw, self.out_channels, device=d.device)
+        v = torch.empty(4, n, tw, self.in_channels, device=d.device)
+        for k, (i, j, sign) in enumerate(_BT):  # B^T d B, one transformed row at a time,
+            row = torch.add(tile_rows[i], tile_rows[j], alpha=sign)  # multiplied at once
             cols = [row[:, b::2][:, :tw] for b in range(4)]
             for col, (p, q, sign_q) in enumerate(_BT):
-                torch.add(cols[p], cols[q], alpha=sign_q, out=v[k, col])
+                torch.add(cols[p], cols[q], alpha=sign_q, out=v[col])
             del row, cols
-        m = torch.bmm(v.view(16, n * tw, self.in_channels), self.u)
+            torch.bmm(
+                v.view(4, n * tw, self.in_channels),
+                self.u[4 * k : 4 * k + 4],
+                out=m[4 * k : 4 * k + 4],
+            )
         del v
         # A^T M A maps element (1, 1) to all four outputs with coefficient 1: the bias, once
         m[5].add_(self.bias)
