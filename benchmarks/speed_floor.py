@@ -35,7 +35,7 @@ import time
 import torch
 from speed import VGG19_12  # the same layers as speed.py (this folder is on sys.path)
 
-from dfr_core.chunks import QUANT_BYTES, channel_blocks, chunk_rows, row_parts
+from dfr_core.chunks import channel_blocks, chunk_rows, quant_rows, row_parts
 from dfr_core.config import ModelConfig
 from dfr_core.fastpath import FoldedHead, extract_regional, folded_head
 from dfr_core.inference import prepare_extractor
@@ -95,8 +95,8 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
 
     pairs = []
     for w, (h, w_) in zip(fold.w1_coarse, native_hw, strict=True):
-        m = matrix(w)  # int8: native positions in blocks of QUANT_BYTES of fp32 input
-        pairs += blocks(operand(h * w_, m.shape[1]), m, QUANT_BYTES // (4 * max(m.shape)))
+        m = matrix(w)  # int8: native positions in blocks of quant_rows
+        pairs += blocks(operand(h * w_, m.shape[1]), m, quant_rows(max(m.shape)))
     # the last layer in channel groups, as `FoldedHead._chunk` runs it: fine (int8: in
     # channel blocks too), then coarse blocks
     groups = channel_blocks(nf) if fold.int8 else [(0, nf)] if nf else []

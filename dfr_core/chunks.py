@@ -41,7 +41,7 @@ QUANT_BYTES = 2 << 20
 CUDA_CHUNK_BYTES = 256 << 20
 
 
-def on_cuda(device: torch.device | None) -> bool:
+def _on_cuda(device: torch.device | None) -> bool:
     return device is not None and device.type == "cuda"
 
 
@@ -53,11 +53,17 @@ def chunk_rows(
 ) -> int:
     """Grid rows per chunk (at most) for a head whose widest layer has ``width`` channels, on
     ``device`` (None: the CPU), computing at ``dtype``."""
-    if on_cuda(device):
+    if _on_cuda(device):
         budget = CUDA_CHUNK_BYTES
     else:
         budget = INT8_CHUNK_BYTES if dtype == torch.int8 else CHUNK_BYTES
     return max(1, budget // (4 * width * grid_w))
+
+
+def quant_rows(width: int) -> int:
+    """Rows per block of the int8 first layer at the coarse maps' native positions, for a
+    product ``width`` channels wide at most (its input's or output's): QUANT_BYTES of fp32."""
+    return max(1, QUANT_BYTES // (4 * width))
 
 
 def row_parts(total: int, most: int) -> list[tuple[int, int]]:
@@ -76,7 +82,7 @@ BAND_CHANNELS = 512
 def channel_blocks(channels: int, device: torch.device | None = None) -> list[tuple[int, int]]:
     """The (lo, hi) channel ranges, BAND_CHANNELS wide (on CUDA: one), a coarse map and the
     last layer are handled in."""
-    step = channels if on_cuda(device) else BAND_CHANNELS
+    step = channels if _on_cuda(device) else BAND_CHANNELS
     return [(lo, min(lo + step, channels)) for lo in range(0, channels, max(step, 1))]
 
 
@@ -88,6 +94,6 @@ __all__ = [
     "QUANT_BYTES",
     "channel_blocks",
     "chunk_rows",
-    "on_cuda",
+    "quant_rows",
     "row_parts",
 ]

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dfr_core.chunks import QUANT_BYTES, channel_blocks, chunk_rows, row_parts
+from dfr_core.chunks import channel_blocks, chunk_rows, quant_rows, row_parts
 from dfr_core.features import FeatureExtractor, apply_regional
 from dfr_core.quantized import (
     Int8Rows,
@@ -185,7 +185,7 @@ class FoldedHead:
             out = torch.empty(rows, self.b1.numel(), device=m.device)
             # bounded temporaries: a block's standardised input (quantised in place), its
             # int8 copy and int32 product, QUANT_BYTES of fp32 at most each
-            step = max(1, QUANT_BYTES // (4 * max(flat.shape[1], out.shape[1])))
+            step = quant_rows(max(flat.shape[1], out.shape[1]))
             for r in range(0, rows, step):
                 z = quantize_rows(torch.addcmul(shift, flat[r : r + step], scale), True)
                 int8_product(z, self.w1_coarse[index], None, out=out[r : r + step])

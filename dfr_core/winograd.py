@@ -13,12 +13,12 @@ The transformed input of a band of tile rows, the 16 GEMMs (one per tile element
 output transform run band by band (`BAND_BYTES`), one transformed row of the input (4 of the
 16 tile elements) held at a time and multiplied before the next, so the extra memory is a
 band's products and a quarter of its transformed input, not the whole transformed map's (4x
-the input). Only
-wide layers gain: ad-hoc timings at 256 px, 2 threads, each layer alone, 256->256 at 64 x 64
-about 18 against 22 ms, 512->512 at 32 x 32 about 15 against 24 ms; at 64 or 128 input
-channels the transforms cost more than they save, hence `MIN_CHANNELS`. Inference only (the
-backbone is frozen), fp32 only: `dfr_core.inference.prepare_extractor` installs it for an fp32
-backbone on the CPU (`FeatureBackbone.use_winograd`); a GPU keeps cuDNN's own algorithms.
+the input). Only wide layers gain: ad-hoc timings at 256 px, 2 threads, each layer alone,
+256->256 at 64 x 64 about 18 against 22 ms, 512->512 at 32 x 32 about 15 against 24 ms; at
+64 or 128 input channels the transforms cost more than they save, hence `MIN_CHANNELS`.
+Inference only (the backbone is frozen), fp32 only: `dfr_core.inference.prepare_extractor`
+installs it for an fp32 backbone on the CPU (`FeatureBackbone.use_winograd`); a GPU keeps
+cuDNN's own algorithms.
 """
 
 from __future__ import annotations
