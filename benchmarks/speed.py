@@ -3,7 +3,7 @@
     python benchmarks/speed.py --images 4 --rounds 3
 
 VGG19 relu1_1..relu4_4 (3456 channels), 256 px, CAE latent d = 200, batch 1, two threads; the
-per-position error grid of one image, computed six ways, each in its own subprocess (so peak
+per-position error grid of one image, computed seven ways, each in its own subprocess (so peak
 RSS is clean), alternating method by method for ``--rounds`` rounds (the machine is shared:
 compare ratios within a round, not absolute times):
 
@@ -14,21 +14,27 @@ compare ratios within a round, not absolute times):
   `DFRHead.error_grid`);
 - pooled (before this change): native-resolution pooling (`FeatureExtractor`) + the same head;
 - fast: the exact fast path (`dfr_core.fastpath`: coarse layers' first CAE layer at native
-  resolution, BN/standardisation folded, chunked positions) with a channels_last backbone
-  prepared as a scoring actor prepares it (`dfr_core.inference.prepare_extractor`: at fp32 on
-  the CPU, the wide 3x3 convolutions as Winograd F(2x2, 3x3), `dfr_core.winograd`);
+  resolution, BN/standardisation folded, chunked positions; at fp32 on the CPU VGG19's first
+  three blocks in stripes of rows, `dfr_core.backbones.stripes`) with a channels_last
+  backbone prepared as a scoring actor prepares it (`dfr_core.inference.prepare_extractor`:
+  at fp32 on the CPU, the wide 3x3 convolutions as Winograd F(2x2, 3x3), `dfr_core.winograd`);
 - fast-bf16: the same in bf16 (opt-in: a model calibrated at bf16, see dfr_core.precision),
   the backbone's weights stored at bf16 as a bf16 scoring actor holds them
   (`dfr_core.inference.prepare_extractor`: autocast's maps bit for bit, half the weights);
 - fast-int8: the head's products in int8 (`dfr_core.quantized`; opt-in: a model calibrated at
   int8) on an fp32 backbone (Winograd, as in fast), as `calibrate(..., precision="int8")`
   records it by default;
+- fast-int8-heap: fast-int8 in a process whose malloc thresholds `dfr_core.heap.bound_heap`
+  set (opt-in, for a batch-1 process: it slows large batches; BENCHMARKS.md);
 - fast-int8-bf16: the same head on the bf16 backbone of fast-bf16 (``backbone="bf16"``).
 
-"peak above model" is the child's peak RSS minus its RSS once the model is built (the fast
-path's folded weights and a bf16 backbone's stored weights count as model); the kernel's
-high-water mark is reset at that point, so "peak RSS" is the computation's peak, not the
-model build's (building VGG19 peaks higher than the fast path ever does). It is printed two
+"peak above model" is the child's peak RSS over the timed images minus its RSS once the model
+is built and has scored one image (the fast path's folded weights and a bf16 backbone's stored
+weights count as model; so does what the first image initialises once: oneDNN's generated
+kernels, cached operators); the kernel's high-water mark is reset at that point and the heap's
+free pages handed back first, so "peak RSS" is the computation's peak, not the model build's
+(building VGG19 peaks higher than the fast path ever does). The first image's own peak, above
+the built model, is printed beside it ("first image"). It is printed two
 ways: all RSS (the kernel's VmHWM, which also counts the 12-31 MB of oneDNN code from
 libtorch that the first convolution and matmul page in: file-backed, shared by every process,
 the same for any computation that calls them), and the anonymous memory, the activations
@@ -52,7 +58,9 @@ import sys
 import threading
 import time
 
-METHODS = ("reference", "pooled", "fast", "fast-bf16", "fast-int8", "fast-int8-bf16")
+METHODS = (
+    "reference", "pooled", "fast", "fast-bf16", "fast-int8", "fast-int8-heap", "fast-int8-bf16"
+)  # fmt: skip
 #: The fast methods' (head precision, backbone precision): fast-int8 is what
 #: `calibrate(..., precision="int8")` records by default (an fp32 backbone: the configuration
 #: within the parity criterion); fast-bf16 and fast-int8-bf16 run a bf16 backbone (faster,
@@ -61,8 +69,12 @@ FAST = {
     "fast": ("fp32", None),
     "fast-bf16": ("bf16", "bf16"),
     "fast-int8": ("int8", "fp32"),
+    "fast-int8-heap": ("int8", "fp32"),
     "fast-int8-bf16": ("int8", "bf16"),
 }
+#: Methods run with `dfr_core.heap.bound_heap` applied to their process (opt-in: a batch-1
+#: process's setting; BENCHMARKS.md, "Speed and memory").
+BOUNDED_HEAP = ("fast-int8-heap",)
 VGG19_12 = (
     "relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu3_4",
     "relu4_1", "relu4_2", "relu4_3", "relu4_4",
@@ -79,23 +91,6 @@ def _status_mb(key: str) -> float:
 
 def _rss_mb() -> float:
     return _status_mb("VmRSS")
-
-
-def _release_free_heap() -> None:
-    """Return the heap's free pages to the kernel (glibc ``malloc_trim(0)``), so that memory
-    the model build freed, which the allocator would otherwise keep and reuse, is not already
-    resident when the baseline is read: every byte of the computation's peak is then counted.
-    A no-op where glibc is not the C library."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is not None:
-        trim(0)
 
 
 def _anon_mb() -> float:
@@ -116,7 +111,7 @@ class _AnonPeak:
     minus the file-backed pages the run added (another lower bound, printed beside it)."""
 
     def __init__(self) -> None:
-        self.peak = _anon_mb()
+        self.base = self.peak = _anon_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -183,11 +178,14 @@ def child(
 
     from dfr_core.config import ModelConfig
     from dfr_core.fastpath import extract_regional, folded_head
+    from dfr_core.heap import bound_heap, release_free_heap
     from dfr_core.inference import prepare_extractor
     from dfr_core.model import DFRHead, build_extractor
     from dfr_core.precision import PrecisionSpec
 
     torch.set_num_threads(threads)
+    if method in BOUNDED_HEAP:
+        bound_heap()  # dfr_core.heap's malloc thresholds, for this whole process
     config = ModelConfig(backbone="vgg19", layers=VGG19_12, image_size=size)
 
     def fp32_extractor():  # noqa: ANN202 - the same random weights on every call
@@ -221,13 +219,23 @@ def child(
     else:
         run = reference
 
-    _release_free_heap()  # what building freed must not be counted as room for activations
-    base = _rss_mb()  # the model and input are built; everything above this is activations
-    base_anon, base_file = _anon_mb(), _status_mb("RssFile")
-    _reset_peak_rss()
+    def baseline() -> tuple[float, float, float]:
+        # what building (or the first image) freed must not be counted as room for what follows
+        release_free_heap()
+        base = (_rss_mb(), _anon_mb(), _status_mb("RssFile"))
+        _reset_peak_rss()
+        return base
+
     with torch.no_grad():
+        # the first image: lazy initialisation (oneDNN's kernels are generated at their first
+        # call, caches filled) besides its activations; measured above the built model
+        base, base_anon, base_file = baseline()
+        with _AnonPeak() if sample else contextlib.nullcontext() as first_anon:
+            out = run()
+        first = _status_mb("VmHWM") - base - (_status_mb("RssFile") - base_file)
+        # the images after it, above the model as the first image left it (trimmed)
+        base, base_anon, base_file = baseline()
         with _AnonPeak() if sample else contextlib.nullcontext() as anon:
-            out = run()  # warm-up (allocator, lazy init)
             t0, c0 = time.perf_counter(), time.process_time()
             n = 0
             while n < images:
@@ -237,7 +245,10 @@ def child(
         peak = _status_mb("VmHWM")
         paged_in = _status_mb("RssFile") - base_file  # library code the run paged in
         if sample:
-            return {"anon_peak_over_model_mb": anon.peak - base_anon}
+            return {
+                "anon_peak_over_model_mb": anon.peak - base_anon,
+                "first_anon_peak_mb": first_anon.peak - first_anon.base,
+            }
         split = (
             _split_ms(extract_regional, extractor, fold, xin, dtype, n) if method in FAST else None
         )
@@ -254,6 +265,7 @@ def child(
         "peak_over_model_mb": peak - base,
         "code_paged_in_mb": paged_in,
         "anon_floor_over_model_mb": peak - base - paged_in,
+        "first_floor_mb": first,
         "max_rel_diff": rel,
         "backbone_head_ms": split,
         "channels": extractor.channels,
@@ -292,7 +304,9 @@ def main() -> None:
             rows[method].append(res)
             print(
                 f"round {r + 1} {method}: {res['ms_per_image']:.0f} ms/image, "
-                f"{res.get('cpu_ms_per_image', float('nan')):.0f} CPU ms/image",
+                f"{res['cpu_ms_per_image']:.0f} CPU ms/image, anonymous peak above model "
+                f"{res['anon_peak_over_model_mb']:.0f} MB (first image "
+                f"{res['first_anon_peak_mb']:.0f} MB)",
                 flush=True,
             )
     first = rows[args.methods[0]][0]
@@ -304,10 +318,11 @@ def main() -> None:
     print(
         "| method | ms/image (median; per round) | CPU ms/image | peak RSS MB | "
         "peak above model MB: all RSS (of it library code paged in); anonymous sampled "
-        "(VmHWM - code) | vs reference: speed-up wall, CPU (median of per-round ratios), "
-        "memory all RSS, anonymous | max rel. diff | backbone / head ms |"
+        "(VmHWM - code) | first image: anonymous sampled (VmHWM - code) | vs reference: "
+        "speed-up wall, CPU (median of per-round ratios), memory all RSS, anonymous; first "
+        "image anonymous | max rel. diff | backbone / head ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     ref = rows.get("reference")
     for method, res in rows.items():
         ms = [x["ms_per_image"] for x in res]
@@ -315,6 +330,8 @@ def main() -> None:
         code = statistics.median(x["code_paged_in_mb"] for x in res)
         anon = statistics.median(x["anon_peak_over_model_mb"] for x in res)
         floor = statistics.median(x["anon_floor_over_model_mb"] for x in res)
+        first_anon = statistics.median(x["first_anon_peak_mb"] for x in res)
+        first_floor = statistics.median(x["first_floor_mb"] for x in res)
         rss = statistics.median(x["peak_rss_mb"] for x in res)
         cpu = statistics.median(x["cpu_ms_per_image"] for x in res)
         vs = "-"
@@ -326,9 +343,10 @@ def main() -> None:
             )
             ref_over = statistics.median(x["peak_over_model_mb"] for x in ref)
             ref_anon = statistics.median(x["anon_peak_over_model_mb"] for x in ref)
+            ref_first = statistics.median(x["first_anon_peak_mb"] for x in ref)
             vs = (
                 f"{speed:.2f}x, {cpu_speed:.2f}x, {ref_over / max(over, 1.0):.1f}x, "
-                f"{ref_anon / max(anon, 1.0):.1f}x"
+                f"{ref_anon / max(anon, 1.0):.1f}x; {ref_first / max(first_anon, 1.0):.1f}x"
             )
         rel = max(x["max_rel_diff"] for x in res)
         per_round = "; ".join(f"{m:.0f}" for m in ms)
@@ -339,7 +357,8 @@ def main() -> None:
             split = f"{backbone:.0f} / {head:.0f}"
         print(
             f"| {method} | {statistics.median(ms):.0f} ({per_round}) | {cpu:.0f} | {rss:.0f} | "
-            f"{over:.0f} ({code:.0f}); {anon:.0f} ({floor:.0f}) | {vs} | {rel:.1e} | {split} |"
+            f"{over:.0f} ({code:.0f}); {anon:.0f} ({floor:.0f}) | {first_anon:.0f} "
+            f"({first_floor:.0f}) | {vs} | {rel:.1e} | {split} |"
         )
 
 

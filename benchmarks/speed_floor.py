@@ -69,7 +69,7 @@ def head_gemms(fold: FoldedHead, native_hw: list[tuple[int, int]]) -> tuple[list
     (``operand @ weight.T``, positions as rows), and their multiply-adds; operands are fixed
     random tensors of the right shapes and dtype."""
     gh, g = fold.grid_hw
-    parts = row_parts(gh, chunk_rows(fold.width, g, dtype=fold.dtype))
+    parts = row_parts(gh, chunk_rows(fold.width, g))
     nf = fold.layout.n_fine
     gen = torch.Generator().manual_seed(0)
 

@@ -18,16 +18,11 @@ import torch
 #: head's working memory of 1,024; for the default backbone, the whole grid was as fast as
 #: 1,024 and 512 was slower. Rechecked after the position-major rewrite (same kind of A/B):
 #: 256 positions were still about 5 % slower for VGG19-12. BENCHMARKS.md's figures are at
-#: this value.
+#: this value. An int8 head uses it too: its GEMMs reach their rate with more rows on the AMD
+#: dev machine (ad hoc, ms per image: 186-190 at 7 MiB, 170 at 21), but the larger chunk's
+#: temporaries (about 3x) made the head's chunk the paper configuration's peak, and on the AMX
+#: machine the head took 112-113 ms at either size (ad hoc, alternating, stop 28).
 CHUNK_BYTES = 7 << 20
-
-#: The same bound for an int8 head (CPU): int8 GEMMs reach their rate only with more rows, and
-#: each chunk repeats the quantisation passes' fixed costs. VGG19-12 at 256 px: 3 chunks of
-#: 20-22 grid rows. Ad-hoc in-process A/Bs of the int8 head on the 2-core dev machine (not a
-#: committed benchmark), ms per image: 186-190 at 7 MiB, 174-179 at 14, 170 at 21, 169-173
-#: at 28, 170-175 for the whole grid; the chunk's temporaries grow with it (about 3x those
-#: of 7 MiB here), hence not the whole grid.
-INT8_CHUNK_BYTES = 21 << 20
 
 #: Bytes of fp32 input per block of the int8 first layer at the coarse maps' native positions
 #: (VGG19-12: 256 of relu4_x's 1,024): its standardised copy, int8 copy and int32 product stay
@@ -45,18 +40,10 @@ def _on_cuda(device: torch.device | None) -> bool:
     return device is not None and device.type == "cuda"
 
 
-def chunk_rows(
-    width: int,
-    grid_w: int,
-    device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> int:
+def chunk_rows(width: int, grid_w: int, device: torch.device | None = None) -> int:
     """Grid rows per chunk (at most) for a head whose widest layer has ``width`` channels, on
-    ``device`` (None: the CPU), computing at ``dtype``."""
-    if _on_cuda(device):
-        budget = CUDA_CHUNK_BYTES
-    else:
-        budget = INT8_CHUNK_BYTES if dtype == torch.int8 else CHUNK_BYTES
+    ``device`` (None: the CPU)."""
+    budget = CUDA_CHUNK_BYTES if _on_cuda(device) else CHUNK_BYTES
     return max(1, budget // (4 * width * grid_w))
 
 
@@ -90,7 +77,6 @@ __all__ = [
     "BAND_CHANNELS",
     "CHUNK_BYTES",
     "CUDA_CHUNK_BYTES",
-    "INT8_CHUNK_BYTES",
     "QUANT_BYTES",
     "channel_blocks",
     "chunk_rows",

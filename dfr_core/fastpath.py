@@ -11,7 +11,9 @@ numbers (up to float rounding) come out of less arithmetic and memory, because:
   fewer positions. Layers of one native size share one R;
 - every later BatchNorm folds into its convolution;
 - positions are processed in chunks, so no full-width (C x S/4 x S/4) decoder output, difference
-  or square is ever held for the whole image: activation memory is bounded by the chunk;
+  or square is ever held for the whole image: activation memory is bounded by the chunk; the
+  coarse layers' first-layer products too are made for a chunk's native rows (each row once:
+  a chunk reuses the rows it shares with the one before);
 - everything is position-major (channels_last, as the backbone's convolutions produce it): maps
   are pooled and stacked without a transposing copy, a chunk is a contiguous range of rows, and
   each regional band multiplies only the native rows its grid rows read (the operator is banded).
@@ -82,6 +84,14 @@ def _fold_cae(cae: nn.Module) -> list[_Linear]:
         else:
             raise TypeError(f"fast path cannot fold CAE module {type(module).__name__}")
     return [_Linear(w, b[:, None], relu) for w, b, relu in layers]
+
+
+class _Rows(NamedTuple):
+    """Native rows ``start .. start + len(rows)`` of a position-major map ``height`` rows high."""
+
+    rows: torch.Tensor  # (k, w, c)
+    start: int
+    height: int
 
 
 class FoldedHead:
@@ -193,13 +203,37 @@ class FoldedHead:
             out = flat.to(self.dtype) @ self.w1_coarse[index].T
         return out.view(*m.shape[:2], -1)
 
-    def _band(self, native: torch.Tensor, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
+    def _support(self, h: int, r0: int, r1: int) -> tuple[int, int]:
+        """The native rows of an h-row map that grid rows r0:r1 read."""
+        return row_support(h, self.pooling.input_hw[0], self.pooling.pool, r0, r1)
+
+    def _first_rows(
+        self, m: torch.Tensor, index: int, r0: int, r1: int, prev: _Rows | None
+    ) -> _Rows:
+        """The first layer's contribution of coarse map ``m`` (h, w, c) on the native rows grid
+        rows r0:r1 read, reusing the rows ``prev`` (the chunk before) already holds: each
+        native row is multiplied once per image, yet only a chunk's rows are ever held."""
+        k0, k1 = self._support(m.shape[0], r0, r1)
+        keep = 0 if prev is None else max(0, prev.start + prev.rows.shape[0] - k0)
+        new = self._first_coarse(m[k0 + keep : k1], index)
+        if keep:
+            new = torch.cat([prev.rows[k0 - prev.start : k0 - prev.start + keep], new])
+        return _Rows(new, k0, m.shape[0])
+
+    def _band(
+        self, native: torch.Tensor | _Rows, r0: int, r1: int, lo: int, hi: int
+    ) -> torch.Tensor:
         """Grid rows r0:r1 of the regional operator applied to channels lo:hi of a
-        position-major (h, w, c) map: ((r1-r0)*Gw, hi-lo) fp32. Only the native rows these grid
-        rows read are converted (a bf16/fp16 map) and enter the first GEMM."""
-        h, w, _ = native.shape
-        k0, k1 = row_support(h, self.pooling.input_hw[0], self.pooling.pool, r0, r1)
-        band = native[k0:k1, :, lo:hi].float().contiguous()  # (k, w, c)
+        position-major (h, w, c) map (or the `_Rows` of it these grid rows read): ((r1-r0)*Gw,
+        hi-lo) fp32. Only the native rows these grid rows read are converted (a bf16/fp16
+        map) and enter the first GEMM."""
+        if isinstance(native, _Rows):
+            native, start, h = native
+        else:
+            start, h = 0, native.shape[0]
+        w = native.shape[1]
+        k0, k1 = self._support(h, r0, r1)
+        band = native[k0 - start : k1 - start, :, lo:hi].float().contiguous()  # (k, w, c)
         mh = self.pooling._matrix(h, band, 0)[r0:r1, k0:k1]
         mw = self.pooling._matrix(w, band, 1)
         # as a (1, c, k, w) channels_last map: the pooling's own two GEMMs, no copy either way
@@ -210,15 +244,16 @@ class FoldedHead:
         self,
         fine: torch.Tensor,
         coarse: list[torch.Tensor],
-        first_coarse: list[torch.Tensor],
+        first_coarse: list[_Rows],
         r0: int,
         r1: int,
     ) -> torch.Tensor:
         """Error of grid rows r0:r1 of one image -> ((r1-r0)*G,) fp32.
 
         ``fine``: (Gh*Gw, C_fine) pooled; ``coarse``: per native size, (h, w, c_n) maps;
-        ``first_coarse``: per native size, the first layer's (h, w, H1) contribution at native
-        resolution. All position-major; only this band's rows are mapped onto the grid.
+        ``first_coarse``: per native size, the first layer's (k, w, H1) contribution at native
+        resolution, on the native rows these grid rows read. All position-major; only this
+        band's rows are mapped onto the grid.
         """
         g, nf = self.grid_hw[1], self.layout.n_fine
         fine = fine[r0 * g : r1 * g]
@@ -227,7 +262,7 @@ class FoldedHead:
         else:
             h = self.b1.repeat((r1 - r0) * g, 1)
         for part in first_coarse:
-            for lo, hi in channel_blocks(part.shape[-1], h.device):
+            for lo, hi in channel_blocks(part.rows.shape[-1], h.device):
                 h[:, lo:hi].add_(self._band(part, r0, r1, lo, hi))
         if self.first_relu:
             h = h.relu_()
@@ -275,15 +310,17 @@ class FoldedHead:
         sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps.coarse)
         if sizes != self.layout.coarse_sizes or maps.fine.shape[1] != self.layout.n_fine:
             raise ValueError(f"maps do not match the head's layout: coarse sizes {sizes}")
-        parts = row_parts(gh, chunk_rows(self.width, g, maps.fine.device, self.dtype))
+        parts = row_parts(gh, chunk_rows(self.width, g, maps.fine.device))
         out = torch.empty(b, gh * g, device=maps.fine.device)
         for i in range(b):
             fine = _positions(maps.fine[i]).flatten(0, 1)
             coarse = [_positions(m[i]) for m in maps.coarse]
-            # the widest matmul, on the coarse layers' native positions (exact: R is linear)
-            # (kept in the compute dtype the GEMM returns: converted band by band, in _band)
-            first = [self._first_coarse(m, k) for k, m in enumerate(coarse)]
+            # the widest matmul, on the coarse layers' native positions (exact: R is linear),
+            # a chunk's native rows at a time (kept in the compute dtype the GEMM returns:
+            # converted band by band, in _band)
+            first: list[_Rows | None] = [None] * len(coarse)
             for r0, r1 in parts:
+                first = [self._first_rows(m, k, r0, r1, first[k]) for k, m in enumerate(coarse)]
                 out[i, r0 * g : r1 * g] = self._chunk(fine, coarse, first, r0, r1)
         return out.view(b, gh, g)
 

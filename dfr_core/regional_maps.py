@@ -4,17 +4,22 @@ The fine layers (at least as fine as the S/4 grid) are pooled onto the grid as t
 yields them, a band of grid rows at a time; the coarse layers are kept at native resolution,
 stacked per native size, so that a head applies linear maps before the regional operator
 (`dfr_core.fastpath`). Both are channels_last (position-major): the backbone's layout, so no
-map is ever transposed.
+map is ever transposed. At fp32 on the CPU the backbone's stripable early blocks run in
+stripes of rows (`dfr_core.backbones.stripes`), each stripe pooled as it comes, so their
+full-resolution maps are never held whole.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from dfr_core.backbones.stripes import MapRows
 from dfr_core.features import (
     FeatureExtractor,
     RegionalPooling,
@@ -118,27 +123,98 @@ def extract_regional(
     dtype = autocast_dtype or torch.float32
     fine = _channels_last(x.shape[0], layout.n_fine, grid, x.device, dtype)
     widths = dict(zip(layout.coarse_sizes, layout.coarse_widths, strict=True))
-    coarse: dict[tuple[int, int], torch.Tensor] = {}
-    start = {"fine": 0, **{hw: 0 for hw in widths}}
+    coarse: dict[tuple[int, int], torch.Tensor] = {
+        hw: _channels_last(x.shape[0], widths[hw], hw, x.device, dtype) for hw in widths
+    }
+    places = _places(extractor, layout)
+    heights = [hw[0] for hw in layer_sizes(extractor)]
     # The generator's convolutions run under autocast (it resumes inside the outer context).
     # Each map goes straight into its channels of its output as it comes (no list of maps to
     # concatenate: each is freed once the next layer has read it): a fine map pooled at fp32,
     # a band of grid rows at a time (never a whole fp32 copy of a full-resolution map), a
-    # coarse map copied as it is into the stack of its native size.
+    # coarse map copied as it is into the stack of its native size. On the CPU at fp32 the
+    # backbone's early blocks run in stripes of rows (`FeatureBackbone.iter_map_rows`), each
+    # stripe pooled as it comes, so their full-resolution maps are never held whole.
     with torch.no_grad(), autocast_to(x.device, autocast_dtype):
-        for fmap in extractor.backbone.iter_maps(x):
-            hw = (fmap.shape[-2], fmap.shape[-1])
-            key = "fine" if is_fine(hw, grid) else hw
-            lo = start[key]
-            start[key] += fmap.shape[1]
+        for piece in _pieces(extractor, x, dtype):
+            key, lo, hi = places[piece.layer]
             if key == "fine":
                 with autocast_to(x.device, None):
-                    _pool_into(extractor.pooling, fmap, fine[:, lo : start[key]])
+                    _pool_piece(extractor.pooling, piece, fine[:, lo:hi], heights[piece.layer])
                 continue
-            if hw not in coarse:
-                coarse[hw] = _channels_last(x.shape[0], widths[hw], hw, x.device, fmap.dtype)
-            coarse[hw][:, lo : start[key]].copy_(fmap)
+            coarse[key][:, lo:hi].copy_(piece.rows)
     return RegionalMaps(fine, tuple(coarse[hw] for hw in layout.coarse_sizes))
+
+
+def _places(
+    extractor: FeatureExtractor, layout: ChannelLayout
+) -> list[tuple[str | tuple[int, int], int, int]]:
+    """Per requested layer: its output ("fine", or a coarse native size) and channel range."""
+    start: dict[str | tuple[int, int], int] = {}
+    places = []
+    for layer, hw in zip(extractor.backbone.layers, layer_sizes(extractor), strict=True):
+        key = "fine" if is_fine(hw, extractor.grid_hw) else hw
+        lo = start.get(key, 0)
+        start[key] = lo + layer.channels
+        places.append((key, lo, start[key]))
+    return places
+
+
+#: Rows of a block's full-resolution maps computed at a time in a stripable block (fp32, CPU):
+#: VGG19's relu1_x stripe at 256 px is 2 MiB (32 x 256 x 64 fp32), relu2_x's 2 MiB too, where
+#: the whole maps are 16 and 8 MiB. Ad-hoc in-process A/Bs of VGG19-12's backbone (AMX dev
+#: machine, stop 28), ms: 16 rows 151.8, 32 rows 146.7, 64 rows 143.2, whole maps 142.4 (each
+#: stripe's convolutions reorder their weights again, and a stripe of 3 input channels smaller
+#: than oneDNN's minimum falls back to torch's slow convolution: 16 rows at 256 px do).
+STRIPE_ROWS = 32
+
+
+def _pieces(extractor: FeatureExtractor, x: torch.Tensor, dtype: torch.dtype) -> Iterator[MapRows]:
+    """The backbone's maps as `MapRows`: striped where that is exact and pays (fp32 on the
+    CPU: partial stripes of a map pooled through the regional operator are summed into the
+    grid, one more rounding than a single product, which only fp32 storage keeps within
+    fp32's own rounding; a GPU holds whole maps easily and prefers fewer, larger kernels)."""
+    backbone = extractor.backbone
+    if dtype == torch.float32 and x.device.type == "cpu":
+        rows = STRIPE_ROWS - STRIPE_ROWS % math.lcm(2, extractor.pooling.pool)
+        yield from backbone.iter_map_rows(x, max(rows, math.lcm(2, extractor.pooling.pool)))
+        return
+    for k, fmap in enumerate(backbone.iter_maps(x)):
+        yield MapRows(k, 0, fmap)
+
+
+def _pool_piece(pooling: RegionalPooling, piece: MapRows, out: torch.Tensor, n_in: int) -> None:
+    """Pool one stripe (or whole map) of a fine map into its channels ``out`` (B, c, Gh, Gw).
+
+    A whole map: `_pool_into`. A stripe of a map at the input resolution, aligned to the pool:
+    its own grid rows, whole. Any other stripe is added into every grid row whose regional
+    window reads it (the operator is linear: the sum over stripes is the whole map's),
+    ``out`` zeroed at the map's first stripe. ``n_in``: the whole map's height."""
+    fmap, k0 = piece.rows, piece.row0
+    k1 = k0 + fmap.shape[-2]
+    if k0 == 0 and k1 == n_in:
+        _pool_into(pooling, fmap, out)
+        return
+    p = pooling.pool
+    if (n_in, fmap.shape[-1]) == pooling.input_hw and fmap.dtype == out.dtype and k0 % p == 0:
+        if k1 % p == 0 or k1 == n_in:
+            out[:, :, k0 // p : k1 // p].copy_(F.avg_pool2d(fmap, p, p))
+            return
+    if k0 == 0:
+        out.zero_()
+    rows = fmap.float()
+    g0, g1 = grid_support(n_in, pooling.input_hw[0], p, k0, k1)
+    mh = pooling._matrix(n_in, rows, 0)[g0:g1, k0:k1]
+    mw = pooling._matrix(fmap.shape[-1], rows, 1)
+    out[:, :, g0:g1].add_(apply_regional(rows, mh, mw))
+
+
+@lru_cache(maxsize=4096)
+def grid_support(n_in: int, size: int, pool: int, k0: int, k1: int) -> tuple[int, int]:
+    """The grid rows [g0, g1) whose regional windows read native rows [k0, k1)."""
+    cols = regional_matrix(n_in, size, pool)[:, k0:k1]
+    nonzero = (cols != 0).any(dim=1).nonzero().flatten()
+    return int(nonzero[0]), int(nonzero[-1]) + 1
 
 
 def _channels_last(

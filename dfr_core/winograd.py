@@ -12,10 +12,12 @@ against a float64 convolution, beside oneDNN's own fp32 error.
 The transformed input of a band of tile rows, the 16 GEMMs (one per tile element) and the
 output transform run band by band (`BAND_BYTES`), one transformed row of the input (4 of the
 16 tile elements) held at a time and multiplied before the next, so the extra memory is a
-band's products and a quarter of its transformed input, not the whole transformed map's (4x
-the input). Only wide layers gain: ad-hoc timings at 256 px, 2 threads, each layer alone,
-256->256 at 64 x 64 about 18 against 22 ms, 512->512 at 32 x 32 about 15 against 24 ms; at
-64 or 128 input channels the transforms cost more than they save, hence `MIN_CHANNELS`.
+band's products and a quarter of its transformed input (one scratch, reused by every band of
+a layer) and the band's rows of input, zero-padded, not the whole transformed map's (4x the
+input) or a padded copy of the whole input. Only wide layers gain: ad-hoc timings at 256 px,
+2 threads, each layer alone, 256->256 at 64 x 64 about 18 against 22 ms, 512->512 at 32 x 32
+about 15 against 24 ms; at 64 or 128 input channels the transforms cost more than they save,
+hence `MIN_CHANNELS`.
 Inference only (the backbone is frozen), fp32 only: `dfr_core.inference.prepare_extractor`
 installs it for an fp32 backbone on the CPU (`FeatureBackbone.use_winograd`); a GPU keeps
 cuDNN's own algorithms.
@@ -33,13 +35,14 @@ from torch import nn
 MIN_CHANNELS = 256
 
 #: Bytes of the transformed input (16 tile elements x tiles x channels, fp32) of one band:
-#: VGG19 at 256 px runs every Winograd layer in one band (relu3_x: 16 MiB, relu4_x: 8 MiB).
-#: Chosen by ad-hoc in-process A/Bs of VGG19-12's backbone at 256 px on the 2-core dev machine
-#: (not a committed benchmark): 226-239 ms with plain convolutions; 197-210 with 4 MiB
-#: bands, 189-202 with 8 MiB, 200-201 with 12 MiB and 184-194 with 16 MiB. The price is
-#: memory: a band's products and a quarter of its transformed input (21 MiB for relu3_x
-#: here) are held while it runs; smaller bands bound them for larger images.
-BAND_BYTES = 16 << 20
+#: VGG19 at 256 px runs relu3_x in 4 bands, relu4_x in 2. Ad-hoc in-process A/Bs of VGG19-12's
+#: backbone at 256 px on the 2-core dev machines (not a committed benchmark): on the AMD one,
+#: 226-239 ms with plain convolutions; 197-210 with 4 MiB bands, 189-202 with 8 MiB, 200-201
+#: with 12 MiB and 184-194 with 16 MiB; on the AMX one (stop 28) 153
+#: ms with 4 MiB and 155 with 16. A band's products and a quarter of its transformed input (5
+#: MiB for relu3_x at 4 MiB) are held while it runs, in one scratch every band of a layer
+#: reuses: at 16 MiB they made a Winograd layer the paper configuration's peak.
+BAND_BYTES = 4 << 20
 
 # Filter transform G (4 x 3): U = G g G^T.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -87,25 +90,29 @@ class Winograd3x3(nn.Module):
             raise TypeError(f"Winograd3x3 runs at fp32 only, not {x.dtype} or under autocast")
         n, _, h, w = x.shape
         th, tw = -(-h // 2), -(-w // 2)  # tiles; an odd side gets one padded row/column
-        x = x.contiguous(memory_format=torch.channels_last)
-        padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1)
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # (n, h, w, c)
         out = torch.empty(n, 2 * th, 2 * tw, self.out_channels, device=x.device)
         rows = max(1, BAND_BYTES // (16 * tw * max(self.in_channels, self.out_channels) * 4))
+        # one band's scratch, reused by every band (the same blocks image after image)
+        most = min(rows, th)
+        m = torch.empty(16 * most * tw * self.out_channels, device=x.device)
+        v = torch.empty(4 * most * tw * self.in_channels, device=x.device)
         for i in range(n):
             for r0 in range(0, th, rows):
                 r1 = min(th, r0 + rows)
-                self._band(padded[i, 2 * r0 : 2 * r1 + 2], out[i, 2 * r0 : 2 * r1])
+                band = _padded_rows(x[i], 2 * r0 - 1, 2 * r1 + 1, 1 + 2 * tw - w)
+                self._band(band, out[i, 2 * r0 : 2 * r1], m, v)
         out = out.permute(0, 3, 1, 2)
         if (2 * th, 2 * tw) != (h, w):
             out = out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
         return out
 
-    def _band(self, d: torch.Tensor, out: torch.Tensor) -> None:
+    def _band(self, d: torch.Tensor, out: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
         """Padded input rows (2n+2, 2tw+2, Cin) -> output rows (2n, 2tw, Cout), in ``out``."""
         n, tw = out.shape[0] // 2, out.shape[1] // 2
         tile_rows = [d[a::2][:n] for a in range(4)]  # row a of every tile: (n, 2tw+2, Cin)
-        m = torch.empty(16, n * tw, self.out_channels, device=d.device)
-        v = torch.empty(4, n, tw, self.in_channels, device=d.device)
+        m = m[: 16 * n * tw * self.out_channels].view(16, n * tw, self.out_channels)
+        v = v[: 4 * n * tw * self.in_channels].view(4, n, tw, self.in_channels)
         for k, (i, j, sign) in enumerate(_BT):  # B^T d B, one transformed row at a time,
             row = torch.add(tile_rows[i], tile_rows[j], alpha=sign)  # multiplied at once
             cols = [row[:, b::2][:, :tw] for b in range(4)]
@@ -128,6 +135,15 @@ class Winograd3x3(nn.Module):
                 y = torch.add(s[p], s[q], alpha=sq)
                 torch.add(y, s[r], alpha=sr, out=tiles[:, a, :, b])
             del s
+
+
+def _padded_rows(x: torch.Tensor, a: int, b: int, right: int) -> torch.Tensor:
+    """Rows a..b-1 of a position-major (h, w, c) map, zero beyond its top and bottom edges,
+    with one zero column on the left and ``right`` on the right: one band's share of the
+    convolution's zero padding, so the whole map is never copied padded."""
+    h = x.shape[0]
+    rows = x[max(a, 0) : min(b, h)]
+    return F.pad(rows, (0, 0, 1, right, max(-a, 0), max(b - h, 0)))
 
 
 def use_winograd(root: nn.Module, within: Iterable[nn.Module] | None = None) -> int:

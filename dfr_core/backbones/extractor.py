@@ -7,12 +7,14 @@ import logging
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import Self
 
 from torch import Tensor, nn
 
 from dfr_core.backbones.registry import get_spec, select_layers
 from dfr_core.backbones.spec import BackboneSpec, LayerInfo
+from dfr_core.backbones.stripes import MapRows, block_end, run_block
 from dfr_core.backbones.weights import (
     RANDOM_INIT,
     WeightsNotFoundError,
@@ -88,6 +90,33 @@ class FeatureBackbone(nn.Module):
                 yield x
             if i == last:
                 break
+
+    def iter_map_rows(self, x: Tensor, rows: int) -> Iterator[MapRows]:
+        """`iter_maps` with every stripable block (`dfr_core.backbones.stripes`: row-local
+        steps ending in a 2 x 2 max pool, such as each of VGG's first blocks) run ``rows``
+        rows of its full-resolution maps at a time: its requested maps come as `MapRows`
+        stripes, each row once, in order; every other map whole (``row0`` 0). Its peak memory
+        is a stripe's, not a whole early map's."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) input, got shape {tuple(x.shape)}")
+        want = {step: k for k, step in enumerate(self._steps)}
+        last = self._steps[-1]
+        steps = list(islice(self._iter_steps(self.model), last + 1))
+        x = self.input_norm(x)
+        i = 0
+        while i <= last:
+            end = block_end(steps, i)
+            if end is not None and end - 1 <= last and x.shape[-2] % 2 == 0 and rows % 2 == 0:
+                local = {j - i: want[j] for j in range(i, end) if j in want}
+                x = yield from run_block(steps[i:end], x, rows, local)
+                if end - 1 in want:
+                    yield MapRows(want[end - 1], 0, x)
+                i = end
+                continue
+            x = steps[i](x)
+            if i in want:
+                yield MapRows(want[i], 0, x)
+            i += 1
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.iter_maps(x))

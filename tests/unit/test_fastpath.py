@@ -211,19 +211,19 @@ def test_row_parts_cover_the_rows_in_near_equal_parts():
 
 
 def test_int8_head_in_chunks_of_any_size_gives_the_same_grid(vgg19_12, monkeypatch):
-    """An int8 head's chunks are larger than an fp32 head's (INT8_CHUNK_BYTES). Every position
-    is quantised on its own scale and its int32 products are exact, so the cut changes only
-    the fp32 rounding of the regional bands (GEMMs over each chunk's native rows), which a
-    requantisation can turn into a step of one int8 level somewhere: far below the int8
-    head's own 1e-3 bound against fp32."""
+    """Every position is quantised on its own scale and its int32 products are exact, so the cut
+    into chunks changes only the fp32 rounding of the regional bands (GEMMs over each chunk's
+    native rows), which a requantisation can turn into a step of one int8 level somewhere: far
+    below the int8 head's own 1e-3 bound against fp32. The chunks after the first reuse the
+    coarse layers' first-layer rows the chunk before computed (`FoldedHead._first_rows`)."""
     config, extractor = vgg19_12
     head = _head(config, extractor.channels, 64)
     x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
     maps = extract_regional(extractor, x)
-    assert chunk_rows(3456, 32, dtype=torch.int8) >= 32  # the whole 32 x 32 grid at once
-    assert chunk_rows(3456, 32, dtype=torch.int8) > chunk_rows(3456, 32)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * 3456 * 32 * 32)
+    assert chunk_rows(3456, 32) == 32  # the whole 32 x 32 grid at once
     whole = folded_head(head, extractor, torch.int8).error_grid(maps)
-    monkeypatch.setattr(chunks, "INT8_CHUNK_BYTES", 4 * 3456 * 32 * 5)
-    assert chunk_rows(3456, 32, dtype=torch.int8) == 5  # 7 chunks of 4-5 grid rows
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * 3456 * 32 * 5)
+    assert chunk_rows(3456, 32) == 5  # 7 chunks of 4-5 grid rows
     chunked = folded_head(head, extractor, torch.int8).error_grid(maps)
     assert float((chunked - whole).abs().max() / whole.abs().max()) < 1e-4  # 1.4e-7 here
