@@ -161,12 +161,13 @@ def _places(
 
 
 #: Rows of a block's full-resolution maps computed at a time in a stripable block (fp32, CPU):
-#: VGG19's relu1_x stripe at 256 px is 2 MiB (32 x 256 x 64 fp32), relu2_x's 2 MiB too, where
+#: VGG19's relu1_x stripe at 256 px is 1 MiB (16 x 256 x 64 fp32), relu2_x's 1 MiB too, where
 #: the whole maps are 16 and 8 MiB. Ad-hoc in-process A/Bs of VGG19-12's backbone (AMX dev
-#: machine, stop 28), ms: 16 rows 151.8, 32 rows 146.7, 64 rows 143.2, whole maps 142.4 (each
-#: stripe's convolutions reorder their weights again, and a stripe of 3 input channels smaller
-#: than oneDNN's minimum falls back to torch's slow convolution: 16 rows at 256 px do).
-STRIPE_ROWS = 32
+#: machine, stop 28), ms: 16 rows 143.0, 32 rows 140.4, 64 rows 139.6, whole maps 132.2 (each
+#: stripe's convolutions reorder their weights again, and the stripes of relu2_x are summed
+#: into the grid rows they share); under `dfr_core.heap.bound_heap`, whose heap keeps blocks
+#: below 2.5 MiB, 16 rows peaked at 54-61 MB above the model and 32 rows at 57-66 (sampled).
+STRIPE_ROWS = 16
 
 
 def _pieces(extractor: FeatureExtractor, x: torch.Tensor, dtype: torch.dtype) -> Iterator[MapRows]:

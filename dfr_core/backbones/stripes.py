@@ -85,6 +85,12 @@ def _rows_conv(step: nn.Conv2d, x: torch.Tensor, top: int, bottom: int) -> torch
     if top or bottom:
         x = F.pad(x, (0, 0, top, bottom))
     padding = (0, step.padding[1])
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        # oneDNN, as the whole map's convolution: torch sends a batch-1 input of at most 20,480
+        # values (a stripe of an RGB image) to its own slower convolution instead
+        return torch.ops.aten.mkldnn_convolution(
+            x, step.weight, step.bias, list(padding), [1, 1], [1, 1], step.groups
+        )
     return F.conv2d(x, step.weight, step.bias, 1, padding, 1, step.groups)
 
 
