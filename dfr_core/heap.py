@@ -14,13 +14,15 @@ the coarse maps, a Winograd layer's scratch) goes to the kernel and back, and on
 same-sized blocks of stripes, bands and chunks are reused from the heap; and a 64 MiB trim
 threshold keeps the heap's free top for the next image instead of handing it back to be faulted
 in again (a fixed threshold alone leaves glibc's 128 KiB, which cost 45 ms an image at 2 MiB).
-The same processes then peak at 55-65 MB, 7 % slower (ad hoc, alternating; 2 MiB: 52-62 MB, 15 %
-slower; 4.5 MiB: 61-68 MB, 5 %).
+In `benchmarks/speed.py` (BENCHMARKS.md, "Speed and memory") the paper configuration's peak
+above the model fell from 70-88 to 56-61 MB, at 17 % more time. Ad-hoc sweeps (alternating):
+2 MiB held 52-62 MB and was about 8 % slower than 2.5 MiB; 4.5 MiB held 61-68 MB at about its
+speed.
 
 Not the default: the setting is process-wide, and a batched forward's large activations then
 fault in fresh pages on every batch (the default mobilenet_v2 model at batch 32: 46 against 29
 ms an image, ad hoc), so the scoring job's actors do not apply it. For a process that scores
-one image at a time with a large backbone. glibc only: elsewhere it does nothing and says so.
+one image at a time with a large backbone. glibc only: elsewhere it does nothing (False).
 """
 
 from __future__ import annotations
