@@ -270,7 +270,10 @@ class FoldedHead:
             h = h.to(self.dtype)
         for layer in self.middle:
             if self.int8:
-                h = int8_affine(h, layer.weight, layer.bias, overwrite=True)
+                # quantised in place and released before the product's output is made
+                rows = quantize_rows(h, overwrite=True)
+                del h
+                h = int8_product(rows, layer.weight, layer.bias)
             else:
                 h = torch.addmm(layer.bias, h, layer.weight.T)
             if layer.relu:

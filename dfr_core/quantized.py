@@ -93,8 +93,12 @@ def int8_affine(
     x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None, overwrite: bool = False
 ) -> torch.Tensor:
     """fp32 ``x @ W^T (+ bias)`` with the product in int8 (``x`` quantised per row;
-    ``overwrite``: as in `quantize_rows`)."""
-    return int8_product(quantize_rows(x, overwrite), weight, bias)
+    ``overwrite``: as in `quantize_rows`). Once quantised, ``x`` is released before the output
+    is allocated: when the caller holds no other reference (a temporary it passed), its memory
+    is free for the output."""
+    rows = quantize_rows(x, overwrite)
+    del x
+    return int8_product(rows, weight, bias)
 
 
 __all__ = [
