@@ -15,9 +15,9 @@ same-sized blocks of stripes, bands and chunks are reused from the heap; and a 6
 threshold keeps the heap's free top for the next image instead of handing it back to be faulted
 in again (a fixed threshold alone leaves glibc's 128 KiB, which cost 45 ms an image at 2 MiB).
 In `benchmarks/speed.py` (BENCHMARKS.md, "Speed and memory") the paper configuration's peak
-above the model fell from 70-88 to 56-61 MB, at 17 % more time. Ad-hoc sweeps (alternating):
-2 MiB held 52-62 MB and was about 8 % slower than 2.5 MiB; 4.5 MiB held 61-68 MB at about its
-speed.
+above the model fell from 67-88 to 56-62 MB (two runs), at 6-17 % more time. Ad-hoc sweeps
+(alternating): 2 MiB held 52-62 MB and was about 8 % slower than 2.5 MiB; 4.5 MiB held 61-68
+MB at about its speed.
 
 Not the default: the setting is process-wide, and a batched forward's large activations then
 fault in fresh pages on every batch (the default mobilenet_v2 model at batch 32: 46 against 29
