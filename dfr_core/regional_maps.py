@@ -201,6 +201,8 @@ def _pool_piece(pooling: RegionalPooling, piece: MapRows, out: torch.Tensor, n_i
         if k1 % p == 0 or k1 == n_in:
             out[:, :, k0 // p : k1 // p].copy_(F.avg_pool2d(fmap, p, p))
             return
+    # stripes share one height (`run_block`): when a map's first stripe is aligned to the pool,
+    # every stripe is and none reaches here; otherwise none is, and the sums start from zero
     if k0 == 0:
         out.zero_()
     rows = fmap.float()
