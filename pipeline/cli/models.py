@@ -44,11 +44,28 @@ def why_latest(
         history = promotion.history(models_uri, line, options)
         made = [r for r in history if r["version"] == latest and r["promote"]]
         why = made[-1]["reason"] if made else "no decision record (published before the gate)"
-        held = [r["version"] for r in history if not r["promote"] and r["version"] > latest]
+        held = _held_since(history, latest, made[-1] if made else None)
         if held:
             why += f"; newer versions held back: {', '.join(held)}"
         out[line] = f"{latest}: {why}"
     return out
+
+
+def _held_since(
+    history: list[dict[str, Any]], latest: str, made: dict[str, Any] | None
+) -> list[str]:
+    """Versions whose last decision held them back after LATEST was made: ordered by the
+    decisions' times (microseconds), not by version names, whose timestamps have whole seconds
+    (two versions of one second order by their random suffixes). Without a record for LATEST
+    (published before the gate), the versions named after it."""
+    last = {r["version"]: r for r in history}  # history is oldest first
+    return [
+        version
+        for version, r in last.items()
+        if not r["promote"]
+        and version != latest
+        and (r["decided_at"] > made["decided_at"] if made else version > latest)
+    ]
 
 
 @click.group("models")

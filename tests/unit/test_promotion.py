@@ -58,3 +58,24 @@ def test_held_versions_are_published_not_latest_and_promote_overrides(artifact, 
     with pytest.raises(ValueError, match="no complete version 'v9'"):
         promotion.promote(models, "metal", "v9")
     assert registry.latest_version(models, "metal") == "v2"
+
+
+def test_held_back_follows_the_decisions_order_not_the_version_names(artifact, models_uri):
+    """Versions published in one second differ only in their random suffixes: "-46df87" sorts
+    before "-e9e566" whichever came first, so a held version may sort before LATEST."""
+    models, line = models_uri, "glass"
+    good, weak, older = (
+        "20261205T015022Z-e9e566",
+        "20261205T015022Z-46df87",
+        "20261205T015021Z-aaaaaa",
+    )
+    held = compare({**GOOD, "image_auroc": 0.5}, GOOD, good)
+    promotion.write_decision(models, line, older, held)  # held before LATEST was made
+    first = GateResult(True, Basis.FIRST_VERSION, "promoted: first version of the line")
+    promotion.write_decision(models, line, good, first)
+    registry.publish(artifact, models, line, version=good)
+    promotion.write_decision(models, line, weak, held)
+    registry.publish(artifact, models, line, version=weak, promote=False)
+    assert registry.latest_version(models, line) == good
+    why = why_latest(models, describe(models))[line]
+    assert why.endswith(f"newer versions held back: {weak}")
