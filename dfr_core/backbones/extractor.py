@@ -27,6 +27,11 @@ from dfr_core.winograd import use_winograd
 logger = logging.getLogger("dfr_core.backbones")
 
 
+def _check_rgb(x: Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) input, got shape {tuple(x.shape)}")
+
+
 def default_weights_path(name: str) -> pathlib.Path | None:
     """The offline weights file build_backbone uses without an explicit one, or None."""
     return offline_weights(get_spec(name))
@@ -79,8 +84,7 @@ class FeatureBackbone(nn.Module):
         A consumer that reduces each map right away (regional pooling) never holds all the
         full-resolution maps at once, which keeps peak memory near a single layer's.
         """
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected (B, 3, H, W) input, got shape {tuple(x.shape)}")
+        _check_rgb(x)
         want = set(self._steps)
         last = self._steps[-1]
         x = self.input_norm(x)
@@ -97,8 +101,7 @@ class FeatureBackbone(nn.Module):
         rows of its full-resolution maps at a time: its requested maps come as `MapRows`
         stripes, each row once, in order; every other map whole (``row0`` 0). Its peak memory
         is a stripe's, not a whole early map's."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected (B, 3, H, W) input, got shape {tuple(x.shape)}")
+        _check_rgb(x)
         want = {step: k for k, step in enumerate(self._steps)}
         last = self._steps[-1]
         steps = list(islice(self._iter_steps(self.model), last + 1))

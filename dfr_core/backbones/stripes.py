@@ -110,12 +110,11 @@ def run_block(
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         # the rows each step must produce for this stripe: its own, plus every later halo
-        need = [(r0, r1)] * len(local)
+        need = []
         a, b = r0, r1
-        for j in range(len(local) - 1, -1, -1):
-            need[j] = (a, b)
-            halo = _halo(local[j])
-            a, b = max(a - halo, 0), min(b + halo, h)
+        for step in reversed(local):
+            need.insert(0, (a, b))
+            a, b = max(a - _halo(step), 0), min(b + _halo(step), h)
         cur, have = x[:, :, a:b], (a, b)
         for j, step in enumerate(local):
             lo, hi = need[j]
