@@ -18,6 +18,9 @@ runs, so the CPU seconds per image of the bare loop and of the whole job (every 
 included) are reported too: their ratio ("CPU efficiency") is the pipeline's overhead,
 whatever the contention.
 
+The moto server runs in this script's first process, on the job's cores; its CPU per image
+during a case (serving the S3 job's reads) is printed after the per-process lines.
+
 Memory, sampled every 0.25 s during each job: the driver's peak RSS, and the peaks of the summed
 RSS and of the summed PSS of the driver plus every Ray process it started. The RSS sum counts the
 plasma store's shared pages once per process that maps them (an overstatement); the PSS sum
@@ -493,7 +496,14 @@ def main() -> None:
         for flag in ("actors", "cpus_per_actor", "decode_cpus", "torch_threads", "bare_threads"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cpu0 = time.process_time()
         results.append(_run_child(cmd, "RESULT", f"case n={n}"))
+        # The moto server runs in this process, on the same cores as the job: its CPU during
+        # the case is what serving the S3 job's reads cost (the bare loops and the local job
+        # read local files), taken from the job on this machine, and from no job against S3.
+        results[-1]["s3_server_cpu_ms_per_image"] = round(
+            1000 * (time.process_time() - cpu0) / n, 1
+        )
         print(json.dumps(results[-1]), flush=True)
     server.stop()
 
@@ -529,6 +539,7 @@ def main() -> None:
         )
         for source in ("local", "s3"):
             print(f"n={r['n']} job {source}: {r[f'job_{source}']['cpu_ms_per_image_by_process']}")
+        print(f"n={r['n']} S3 server (moto, same cores): {r['s3_server_cpu_ms_per_image']}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ so a model is never scored with backbone weights other than those it was trained
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -16,7 +17,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torchvision
 
 from dfr_core.artifact_meta import (  # noqa: F401 - re-exported: the torch-free part
     CONFIG_FILE,
@@ -48,7 +48,8 @@ def _versions() -> dict[str, str]:
     return {
         "dfr_core": LIBRARY_VERSION,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # the installed distribution, not an import of torchvision (backbones.mobilenet_v2: why)
+        "torchvision": importlib.metadata.version("torchvision"),
         "numpy": np.__version__,
         "python": platform.python_version(),
     }

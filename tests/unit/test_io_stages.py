@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
 CODE = """
 import io, sys
 import numpy as np
@@ -26,14 +20,7 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
 
-def test_decode_stage_imports_no_torch(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-c", CODE, str(tmp_path / "a.png")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+def test_decode_stage_imports_no_torch(tmp_path, clean_python):
+    out = clean_python("-c", CODE, str(tmp_path / "a.png"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
