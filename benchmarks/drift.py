@@ -18,6 +18,8 @@ resize) and defective. Prints, per night kind, how many seeds flag it and the me
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -132,6 +134,7 @@ def run_gate(args: argparse.Namespace) -> None:
     from pipeline.promotion import compare
 
     root = tempfile.mkdtemp(prefix="dfr-gate-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # however the run ends
     for seed in range(args.seeds):
         spec = SyntheticSpec((args.line,), 40, args.test, args.test, 128, seed=seed)
         line_dir = write_mvtec_dataset(root + f"/{seed}", spec)[args.line]

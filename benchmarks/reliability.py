@@ -15,9 +15,11 @@ that go into BENCHMARKS.md, from one command anyone can rerun.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +107,7 @@ def main() -> None:
     boto3.client("s3", endpoint_url=upstream).create_bucket(Bucket="reliability")
     bucket = "s3://reliability"
     work = Path(tempfile.mkdtemp(prefix="dfr-reliability-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # however the run ends
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
     t0 = time.perf_counter()
     fault_rows: list[tuple[str, int, bool, dict[str, int]]] = []

@@ -80,5 +80,9 @@ def test_small_blocks_arrive_bundled_up_to_the_batch_size():
     blocks = [pa.table({"x": list(range(5))}), pa.table({"x": list(range(5))})]
     assert _bundles(blocks, 16) == 1  # the demo: two lines of 5 images, one bundle of 10
     assert _bundles(blocks, 4) == 2  # never more than the blocks
+    one, eight = pa.table({"x": [0]}), pa.table({"x": list(range(8))})
+    assert _bundles([one, eight], 4) == 1  # the one-row block joins the next: one bundle of 9
+    assert _bundles([eight, one], 4) == 1  # the short tail may reach the actors first and join
+    assert _bundles([eight, one, eight], 4) == 2
     assert _bundles([pa.table({"x": list(range(100))})] * 8, 32) == 8
     assert _bundles([], 32) == 1
