@@ -7,7 +7,11 @@ For each N, one fresh subprocess (so peak memory is per case, not carried over) 
   dfr_core.inference) in one plain process of its own, same batch size, ``--bare-threads``
   torch threads (default: every CPU), before and after the jobs (averaged);
 - job-local: run_score_job over a Parquet listing of N local files (Ray Data, local Ray);
-- job-s3: the same listing with the images on a local moto S3 server.
+- job-s3: the same listing with the images on a local moto S3 server;
+- bare-s3 (since stop 32): the bare loop reading the S3 job's objects from the same server
+  with the job's client (pyarrow) on 16 threads, so the S3 job is also compared with a bare
+  loop that pays the same server; the bare loops run local, S3 before the jobs and S3, local
+  after them.
 
 The job runs with the scoring CLI's defaults unless flags are given: actors, CPUs per actor,
 decode CPUs and torch threads sized from the cluster (pipeline.resources; printed).
@@ -18,8 +22,9 @@ runs, so the CPU seconds per image of the bare loop and of the whole job (every 
 included) are reported too: their ratio ("CPU efficiency") is the pipeline's overhead,
 whatever the contention.
 
-The moto server runs in this script's first process, on the job's cores; its CPU per image
-during a case (serving the S3 job's reads) is printed after the per-process lines.
+The moto server runs in this script's first process, on the job's cores; its CPU per object
+served during a case (the S3 job's and the S3 bare loops' reads) is printed after the
+per-process lines.
 
 Memory, sampled every 0.25 s during each job: the driver's peak RSS, and the peaks of the summed
 RSS and of the summed PSS of the driver plus every Ray process it started. The RSS sum counts the
@@ -265,6 +270,24 @@ def _write_archive(base: str, n: int, pool: list[bytes], listing: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _batch_reader(uri: str):  # noqa: ANN202
+    """How the bare loop reads a batch: local files one plain read each, as before; S3 objects
+    with the job's client (pyarrow: a HEAD and a GET each) on the job's 16 read threads, as a
+    hand-written loop against S3 would, so that the S3 server's latency is not serialised."""
+    from pipeline import storage
+
+    if not uri.startswith("s3://"):
+        return lambda uris: [storage.read_bytes(u) for u in uris]
+
+    def read(u: str) -> bytes:
+        fs, path = storage.pyarrow_fs(u)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    pool = ThreadPoolExecutor(16)
+    return lambda uris: list(pool.map(read, uris))
+
+
 def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
@@ -274,19 +297,18 @@ def _bare(models: str, listing: Path, batch: int, limit: int, cache: str) -> dic
     from dfr_core.decode import decode_image
     from dfr_core.inference import forward_batch, prepare_extractor
     from dfr_core.resize import resize_image
-    from pipeline import registry, storage
+    from pipeline import registry
 
     loaded = load_model(registry.fetch(models, LINE, registry.latest_version(models, LINE), cache))
     model, size = loaded.model.eval(), loaded.model.config.image_size
     uris = pq.read_table(listing).column("image_uri").to_pylist()[:limit]
     prepare_extractor(model.extractor, torch.device("cpu"), model.precision)  # as the actor does
+    read_all = _batch_reader(uris[0])
     t0, cpu0 = time.perf_counter(), time.process_time()
     decode_cpu = 0.0
     for i in range(0, len(uris), batch):
         c0 = time.process_time()
-        arrays = [
-            resize_image(decode_image(storage.read_bytes(u)), size) for u in uris[i : i + batch]
-        ]
+        arrays = [resize_image(decode_image(data), size) for data in read_all(uris[i : i + batch])]
         decode_cpu += time.process_time() - c0
         forward_batch(model, np.stack(arrays))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -369,41 +391,10 @@ def bare_child(args: argparse.Namespace) -> None:
     print("BARE " + json.dumps(result), flush=True)
 
 
-def child(args: argparse.Namespace) -> None:
-    """One case: bare before, both jobs (this process is their driver: no torch), bare after."""
-    import ray
-
-    work = Path(args.work)
-    cache = str(work / "cache")
-    local_listing = work / f"local-{args.case_n}.parquet"
-    limit = min(args.case_n, args.bare_limit)
-    result: dict = {"n": args.case_n}
-    # Bare before and after the jobs, averaged: other load on a shared machine then biases
-    # neither side of the ratio.
-    before = _bare_in_child(args, local_listing, limit)
-    # Ray started as the CLI starts its private local Ray (its object store size included)
-    from pipeline.ray_runtime import init_ray
-
-    init_ray("local", num_cpus=os.cpu_count())
-    store_mib = ray.cluster_resources()["object_store_memory"] / 2**20
-    from pipeline.resources import ClusterShape, plan_resources
-    from pipeline.score_job import resource_request
-
-    plan = plan_resources(
-        resource_request(_config(args.models, local_listing, "-", args, cache)),
-        ClusterShape.from_ray(),
-        _config(args.models, local_listing, "-", args, cache).max_pixels,
-    )
-    result["resources"] = f"{plan.describe()}; object store {store_mib:.0f} MiB"
-    for source in ("local", "s3"):
-        listing = work / f"{source}-{args.case_n}.parquet"
-        out = str(work / f"out-{source}-{args.case_n}")
-        result[f"job_{source}"] = _job(args.models, listing, out, args, cache)
-    result["driver_imported_torch"] = "torch" in sys.modules
-    ray.shutdown()
-    after = _bare_in_child(args, local_listing, limit)
-    result["bare"] = {
-        "images": limit,
+def _bare_mean(before: dict, after: dict, images: int) -> dict:
+    """One bare figure from the runs before and after the jobs (other load biases neither)."""
+    return {
+        "images": images,
         "ips_before": before["ips"],
         "ips_after": after["ips"],
         "ips": round((before["ips"] + after["ips"]) / 2, 2),
@@ -413,11 +404,46 @@ def child(args: argparse.Namespace) -> None:
             for key in ("cpu_ms_per_image_read_decode", "cpu_ms_per_image_model")
         },
     }
+
+
+def child(args: argparse.Namespace) -> None:
+    """One case: bare loops before, both jobs (this process is their driver: no torch), bare
+    loops after. The bare loop reads local files ("bare") and, since stop 32, the S3 job's
+    objects from the same server ("bare_s3"), in ABBA order."""
+    import ray
+
+    work = Path(args.work)
+    cache = str(work / "cache")
+    listings = {source: work / f"{source}-{args.case_n}.parquet" for source in ("local", "s3")}
+    limit = min(args.case_n, args.bare_limit)
+    result: dict = {"n": args.case_n}
+    before = {source: _bare_in_child(args, listings[source], limit) for source in ("local", "s3")}
+    # Ray started as the CLI starts its private local Ray (its object store size included)
+    from pipeline.ray_runtime import init_ray
+
+    init_ray("local", num_cpus=os.cpu_count())
+    store_mib = ray.cluster_resources()["object_store_memory"] / 2**20
+    from pipeline.resources import ClusterShape, plan_resources
+    from pipeline.score_job import resource_request
+
+    config = _config(args.models, listings["local"], "-", args, cache)
+    plan = plan_resources(resource_request(config), ClusterShape.from_ray(), config.max_pixels)
+    result["resources"] = f"{plan.describe()}; object store {store_mib:.0f} MiB"
+    for source in ("local", "s3"):
+        out = str(work / f"out-{source}-{args.case_n}")
+        result[f"job_{source}"] = _job(args.models, listings[source], out, args, cache)
+    result["driver_imported_torch"] = "torch" in sys.modules
+    ray.shutdown()
+    after = {source: _bare_in_child(args, listings[source], limit) for source in ("s3", "local")}
+    result["bare"] = _bare_mean(before["local"], after["local"], limit)
+    result["bare_s3"] = _bare_mean(before["s3"], after["s3"], limit)
     for source in ("local", "s3"):
         job = result[f"job_{source}"]
         job["ratio"] = round(job["ips"] / result["bare"]["ips"], 3)
         # bare CPU per image / job CPU per image: 1.0 means the pipeline adds no CPU work
         job["cpu_efficiency"] = round(result["bare"]["cpu_s_per_image"] / job["cpu_s_per_image"], 3)
+    # the S3 job against a bare loop that reads the same objects from the same server
+    result["job_s3"]["ratio_bare_s3"] = round(result["job_s3"]["ips"] / result["bare_s3"]["ips"], 3)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -503,10 +529,12 @@ def main() -> None:
         cpu0 = time.process_time()
         results.append(_run_child(cmd, "RESULT", f"case n={n}"))
         # The moto server runs in this process, on the same cores as the job: its CPU during
-        # the case is what serving the S3 job's reads cost (the bare loops and the local job
-        # read local files), taken from the job on this machine, and from no job against S3.
+        # the case is what serving the S3 job's and the two S3 bare loops' reads cost (the
+        # other bare loops and the local job read local files), taken from the job on this
+        # machine, and from no job against S3; per object served.
+        served = n + 2 * results[-1]["bare_s3"]["images"]
         results[-1]["s3_server_cpu_ms_per_image"] = round(
-            1000 * (time.process_time() - cpu0) / n, 1
+            1000 * (time.process_time() - cpu0) / served, 1
         )
         print(json.dumps(results[-1]), flush=True)
     server.stop()
@@ -517,7 +545,8 @@ def main() -> None:
         f"{args.bare_threads or os.cpu_count()} torch threads; job: {results[0]['resources']}"
     )
     print(
-        "| images | bare img/s | job local img/s (ratio) | job S3 img/s (ratio) "
+        "| images | bare img/s local / S3 | job local img/s (ratio) "
+        "| job S3 img/s (ratio to bare local; to bare S3) "
         "| CPU ms/img bare / local / S3 | CPU efficiency local / S3 "
         "| peak RSS tree local / S3 (MB) | peak PSS tree local / S3 (MB) "
         "| driver peak local / S3 (MB) |"
@@ -527,8 +556,9 @@ def main() -> None:
         bare, lo, s3 = r["bare"], r["job_local"], r["job_s3"]
         cpu = [round(1000 * x["cpu_s_per_image"]) for x in (bare, lo, s3)]
         print(
-            f"| {r['n']} | {bare['ips']} | {lo['ips']} ({lo['ratio']:.0%}) "
-            f"| {s3['ips']} ({s3['ratio']:.0%}) | {cpu[0]} / {cpu[1]} / {cpu[2]} "
+            f"| {r['n']} | {bare['ips']} / {r['bare_s3']['ips']} | {lo['ips']} ({lo['ratio']:.0%}) "
+            f"| {s3['ips']} ({s3['ratio']:.0%}; {s3['ratio_bare_s3']:.0%}) "
+            f"| {cpu[0]} / {cpu[1]} / {cpu[2]} "
             f"| {lo['cpu_efficiency']:.0%} / {s3['cpu_efficiency']:.0%} "
             f"| {lo['tree_peak_mb']} / {s3['tree_peak_mb']} "
             f"| {lo['tree_pss_peak_mb']} / {s3['tree_pss_peak_mb']} "
@@ -543,7 +573,13 @@ def main() -> None:
         )
         for source in ("local", "s3"):
             print(f"n={r['n']} job {source}: {r[f'job_{source}']['cpu_ms_per_image_by_process']}")
-        print(f"n={r['n']} S3 server (moto, same cores): {r['s3_server_cpu_ms_per_image']}")
+        b3 = r["bare_s3"]
+        print(
+            f"n={r['n']} bare S3: read+decode+resize {b3['cpu_ms_per_image_read_decode']}, "
+            f"model {b3['cpu_ms_per_image_model']}"
+        )
+        served = r["s3_server_cpu_ms_per_image"]
+        print(f"n={r['n']} S3 server (moto, same cores), per object served: {served}")
 
 
 if __name__ == "__main__":
