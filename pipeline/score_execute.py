@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import outputs
+from pipeline import outputs, storage
 from pipeline.io_stages import DecodeConfig, ReadConfig
 from pipeline.listing_rows import Listing
 from pipeline.ray_runtime import ensure_ray
@@ -170,6 +170,27 @@ class ShardWriter:
             raise ShardCountError(f"rows missing from shards (key: rows received): {missing}")
 
 
+def first_remote_uri(
+    listing: Listing, pending: dict[tuple[str, int], tuple[int, int]], lines: list[str]
+) -> str | None:
+    """The first S3 image the pending shards will read (rows of ``lines`` still ok), or None.
+
+    One is enough to probe: a job reads every S3 URI through one endpoint.
+    """
+    wanted = pa.array(lines, pa.string())
+    for offset, length in sorted(pending.values()):
+        for piece in listing.rows(offset, offset + length):
+            uris = piece.column("image_uri")
+            read = pc.and_(
+                pc.and_(pc.starts_with(uris, "s3://"), pc.equal(piece["status"], RowStatus.OK)),
+                pc.is_in(piece["product_line"], value_set=wanted),
+            )
+            first = pc.index(read, True).as_py()
+            if first >= 0:
+                return uris[first].as_py()
+    return None
+
+
 def resource_request(config: ScoreJobConfig) -> ResourceRequest:
     """The figures the user gave (None: sized from the cluster)."""
     return ResourceRequest(
@@ -196,6 +217,12 @@ def execute(
     import ray
     from ray.data import DataContext
 
+    usable = {line: m for line, m in models.items() if m.error_reason is None}
+    # Before Ray starts: an unreachable S3 endpoint fails the run here (StorageUnreachable),
+    # not row by row after each read's retries, with nothing committed.
+    probe = first_remote_uri(listing, pending, sorted(usable))
+    if probe is not None:
+        storage.check_reachable(probe, options)
     started = ensure_ray(config.address)  # --address: pipeline.ray_runtime
     try:
         context = DataContext.get_current()
@@ -205,7 +232,6 @@ def execute(
             # --quiet asked for no progress bars; Ray Data's "Progress bars disabled" warning
             # about exactly that is noise the user cannot act on.
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        usable = {line: m for line, m in models.items() if m.error_reason is None}
         read = ReadConfig(options, config.read_threads, config.max_bytes)
         decode = DecodeConfig({line: m.geometry for line, m in usable.items()}, config.max_pixels)
         scoring = ScoringConfig(

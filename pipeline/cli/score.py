@@ -1,7 +1,8 @@
 """``dfr-pipeline score`` and ``dfr-pipeline nightly``: flags -> ScoreJobConfig -> run_score_job.
 
 Exit codes: 0 the run committed (error rows included), or was already committed; 1 the job could
-not run or was stopped before committing; 3 the run committed but more than
+not run (an unreadable listing, an S3 endpoint that does not answer) or was stopped before
+committing; 3 the run committed but more than
 ``--max-error-fraction`` of its rows are errors (alerting should look at it); 4 the input lists
 no image (without ``--allow-empty``): an upstream export probably broke; 5 another run of the
 same output and date holds the lease (or took it over), so this one did nothing; 6 (``nightly``
@@ -38,6 +39,7 @@ from pipeline.score_job import (
     ShardCountError,
     run_score_job,
 )
+from pipeline.storage import StorageUnreachable
 
 
 def parse_actors(value: str) -> tuple[int, int]:
@@ -62,7 +64,7 @@ def execute(config: ScoreJobConfig, drift_exit: bool = False) -> None:
     """Run the job, print its summary and exit with the code documented above."""
     try:
         summary = run_score_job(config)
-    except (ListingError, RunInterrupted, ShardCountError) as exc:
+    except (ListingError, RunInterrupted, ShardCountError, StorageUnreachable) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     except EmptyInput as exc:

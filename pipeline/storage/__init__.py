@@ -25,8 +25,10 @@ from __future__ import annotations
 from pipeline.storage.filesystems import (
     S3_RETRY_CONFIG,
     StorageOptions,
+    StorageUnreachable,
     canonical_uri,
     cell_uri,
+    check_reachable,
     get_fs,
     pyarrow_fs,
 )
@@ -57,8 +59,10 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "S3_RETRY_CONFIG",
     "StorageOptions",
+    "StorageUnreachable",
     "canonical_uri",
     "cell_uri",
+    "check_reachable",
     "copy_to_local",
     "create_exclusive",
     "exists",

@@ -21,6 +21,7 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.storage.redaction import redact
 from pipeline.storage.uri import _split, is_absolute_uri, resolve_relative
 
 #: Retry policy for every S3 client. Adaptive mode adds client-side rate limiting, which is what
@@ -146,11 +147,13 @@ def _region_from_env() -> str:
     )
 
 
-def _make_pa_s3(options: StorageOptions, region: str) -> pafs.FileSystem:
+def _make_pa_s3(
+    options: StorageOptions, region: str, attempts: int = _S3_MAX_ATTEMPTS
+) -> pafs.FileSystem:
     kwargs: dict[str, object] = {
         "anonymous": options.anon,
         "region": region,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
     }
     if options.s3_endpoint_url:
         parts = urlsplit(options.s3_endpoint_url)
@@ -178,6 +181,39 @@ def pyarrow_fs(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
     opts = _resolve(options)
     region = _region_from_env()
     return _cached(("pyarrow", "s3", opts, region), lambda: _make_pa_s3(opts, region)), path
+
+
+class StorageUnreachable(OSError):
+    """The S3 endpoint serving a URI did not answer (connection refused, unknown host, timeout)."""
+
+
+def check_reachable(
+    uri: str, options: StorageOptions | None = None, attempts: int | None = None
+) -> None:
+    """Raise :class:`StorageUnreachable` when the S3 endpoint serving ``uri`` cannot be reached.
+
+    One HEAD of the object, under the reads' own retry policy (``attempts``: by default theirs),
+    so it fails only where each read would. Why: with the endpoint down, every read retries for
+    80-100 s before its row becomes a ``read_error``, so a night's job would run for hours or
+    days and then commit a run of error rows, which a rerun finds "already committed". A
+    missing object or a denied request means the store answered: nothing to report here (those
+    rows say so). Local paths have nothing to reach.
+    """
+    protocol, path = _split(uri)
+    if protocol == "file":
+        return
+    opts = _resolve(options)
+    try:
+        fs = _make_pa_s3(opts, _region_from_env(), attempts or _S3_MAX_ATTEMPTS)
+        fs.get_file_info(path)
+    except OSError as exc:
+        # the AWS SDK's type for every transport failure (curl: refused, DNS, timeout)
+        if "NETWORK_CONNECTION" not in str(exc):
+            return
+        endpoint = _strip_userinfo(opts.s3_endpoint_url or "") or (
+            "AWS S3 (no --s3-endpoint-url or DFR_S3_ENDPOINT_URL set)"
+        )
+        raise StorageUnreachable(redact(f"cannot reach {endpoint} to read {uri}: {exc}")) from None
 
 
 def cell_uri(value: str, base_dir: str | None, options: StorageOptions | None, source: str) -> str:
