@@ -8,12 +8,13 @@ import click
 from pipeline.cli.demo import demo
 from pipeline.cli.evaluate import evaluate
 from pipeline.cli.models import models
+from pipeline.cli.options import CommandGroup
 from pipeline.cli.report import report
 from pipeline.cli.score import nightly, score
 from pipeline.cli.train import train
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def main() -> None:
     """DFR anomaly segmentation: train per-product-line models on Ray, score image archives."""
 

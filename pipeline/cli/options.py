@@ -9,8 +9,12 @@ product line drifts (nightly).
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
+from pipeline import storage
 from pipeline.ray_runtime import ADDRESS_HELP
 from pipeline.storage import StorageOptions
 
@@ -30,6 +34,22 @@ s3_endpoint_option = click.option(
     metavar="URL",
     help="S3-compatible endpoint (MinIO, Ceph); default from DFR_S3_ENDPOINT_URL/AWS_*.",
 )
+
+
+class CommandGroup(click.Group):
+    """The ``dfr-pipeline`` group: a storage client failure that no command handles (botocore's
+    missing credentials, an endpoint that does not answer) is one ``error:`` line and exit 1,
+    not a traceback (storage.client_failure)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = storage.client_failure(exc)
+            if message is None:
+                raise
+            echo_err(f"error: {message}")
+            sys.exit(EXIT_FAILED)
 
 
 def echo_err(text: str) -> None:

@@ -23,6 +23,7 @@ from pipeline.cli.options import (
     EXIT_FAILED,
     EXIT_LEASE_HELD,
     EXIT_TOO_MANY_ERRORS,
+    CommandGroup,
     address_option,
     s3_endpoint_option,
     storage_options,
@@ -230,4 +231,4 @@ def nightly(config_path: str, run_date: str | None, quiet: bool) -> None:
 
 if __name__ == "__main__":  # the torch-free driver ``dfr-pipeline score`` re-executes as
     # (pipeline.driver_exec)
-    click.Group("dfr-pipeline", commands=[score, nightly])(prog_name="dfr-pipeline")
+    CommandGroup("dfr-pipeline", commands=[score, nightly])(prog_name="dfr-pipeline")

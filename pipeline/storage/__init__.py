@@ -29,6 +29,7 @@ from pipeline.storage.filesystems import (
     canonical_uri,
     cell_uri,
     check_reachable,
+    client_failure,
     get_fs,
     pyarrow_fs,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "canonical_uri",
     "cell_uri",
     "check_reachable",
+    "client_failure",
     "copy_to_local",
     "create_exclusive",
     "exists",

@@ -11,6 +11,7 @@ standard ``AWS_*`` environment variables and config files.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,6 +215,28 @@ def check_reachable(
             "AWS S3 (no --s3-endpoint-url or DFR_S3_ENDPOINT_URL set)"
         )
         raise StorageUnreachable(redact(f"cannot reach {endpoint} to read {uri}: {exc}")) from None
+
+
+def client_failure(exc: BaseException) -> str | None:
+    """What went wrong, when ``exc`` is botocore's own error (s3fs); None for anything else.
+
+    botocore raises missing credentials, an endpoint that does not answer and timeouts as its
+    own exceptions, not OSErrors, so handlers written for storage failures miss them and a
+    traceback reached the user (``train`` and ``models list`` against a down endpoint). The
+    message names the request's URL where botocore gives one, and says where credentials come
+    from when they are missing.
+    """
+    if "botocore.exceptions" not in sys.modules:  # nothing raised it; import nothing
+        return None
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    if not isinstance(exc, BotoCoreError):
+        return None
+    hint = ""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        hint = " (S3 credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile"
+        hint += " in ~/.aws, or the machine's role; DFR_S3_ANON=1 for a public bucket)"
+    return redact(f"S3 storage: {type(exc).__name__}: {exc}{hint}")
 
 
 def cell_uri(value: str, base_dir: str | None, options: StorageOptions | None, source: str) -> str:

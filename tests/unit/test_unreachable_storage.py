@@ -6,6 +6,10 @@ rerun found "already committed". The probe (``storage.check_reachable``) makes o
 first S3 image the run will read, before Ray starts; an endpoint that does not answer is exit 1
 with nothing written. A store that answers, even "not found", lets the run go on (those rows
 carry their own errors). The refused endpoint is a closed port on 127.0.0.1: no network.
+
+botocore's own failures (no credentials, an endpoint that does not answer) are not OSErrors, so
+commands' handlers missed them and ``train`` or ``models list`` printed a traceback: every
+command now turns them into one ``error: S3 storage: ...`` line and exit 1.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import listing, outputs, registry, score_execute, storage
+from pipeline.cli.group import main
 from pipeline.cli.options import EXIT_FAILED
 from pipeline.cli.score import score
 from pipeline.listing_rows import Listing
@@ -99,3 +104,44 @@ def test_an_unreachable_archive_fails_the_run_before_ray_and_writes_nothing(
     assert f"error: cannot reach {closed_endpoint} to read {uris[0]}" in result.output
     assert outputs.committed_runs(str(out)) == []
     assert [p for p in out.rglob("*") if p.is_file()] == []  # no shard, marker, lease or temp
+
+
+def test_botocore_failures_are_described_and_nothing_else_is():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    url = "http://127.0.0.1:9/bucket/train"
+    down = storage.client_failure(EndpointConnectionError(endpoint_url=url))
+    assert (
+        down
+        == f'S3 storage: EndpointConnectionError: Could not connect to the endpoint URL: "{url}"'
+    )
+    missing = storage.client_failure(NoCredentialsError())
+    assert missing is not None and "AWS_ACCESS_KEY_ID" in missing and "DFR_S3_ANON" in missing
+    assert storage.client_failure(OSError("disk")) is None
+    assert storage.client_failure(ValueError("x")) is None
+
+
+@pytest.mark.parametrize("command", ["models", "train"])
+def test_a_command_without_s3_credentials_says_so_without_a_traceback(
+    command, tmp_path, closed_endpoint, monkeypatch
+):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = ["--s3-endpoint-url", closed_endpoint]
+    if command == "models":
+        args = ["models", "list", "--models-uri", "s3://bucket/models", *endpoint]
+    else:
+        manifest = tmp_path / "manifest.csv"
+        manifest.write_text("product_line,train_uri\nmetal_plate,s3://bucket/train\n")
+        args = ["train", "--products", str(manifest), "--models-uri", str(tmp_path / "m")]
+        args += endpoint
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert "error: S3 storage: NoCredentialsError: Unable to locate credentials" in result.output
+    assert "Traceback" not in result.output
