@@ -71,12 +71,15 @@ class FeedbackError(ValueError):
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = list(problems)
+        super().__init__(self.describe("nothing was trained or promoted"))
+
+    def describe(self, outcome: str) -> str:
+        """The problems, with what the command did not do (training's by default; the report
+        says it wrote no report)."""
         count = len(self.problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(
-            f"feedback {source}: {count} problem{'s' if count != 1 else ''}, nothing was "
-            f"trained or promoted:\n{lines}"
-        )
+        problems = f"{count} problem{'s' if count != 1 else ''}"
+        return f"feedback {self.source}: {problems}, {outcome}:\n{lines}"
 
 
 def _records(data: bytes, uri: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

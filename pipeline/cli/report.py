@@ -102,7 +102,10 @@ def report(
         raise click.UsageError(str(exc)) from None
     try:
         path = write_report(config)
-    except (ReportError, FeedbackError) as exc:
+    except ReportError as exc:
         echo_err(f"error: {exc}")
+        sys.exit(EXIT_BAD_INPUT)
+    except FeedbackError as exc:
+        echo_err(f"error: {exc.describe('no report was written')}")
         sys.exit(EXIT_BAD_INPUT)
     click.echo(str(path))

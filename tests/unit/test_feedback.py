@@ -51,6 +51,9 @@ def test_every_bad_row_is_named(images: Path) -> None:
         load_feedback(uri, {"metal"})
     text = str(info.value)
     assert "nothing was trained or promoted" in text
+    report = info.value.describe("no report was written")  # what `report --feedback` prints
+    assert report.startswith(f"feedback {uri}: 4 problems, no report was written:\n")
+    assert "trained" not in report and report.splitlines()[1:] == text.splitlines()[1:]
     assert "line 2, column 'image_uri': not found:" in text and "missing.png" in text
     assert "line 3, column 'label': 'maybe' is neither 'normal' nor 'defect'" in text
     assert "line 4, column 'product_line': product line 'nomodel' has no model" in text
