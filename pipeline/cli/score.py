@@ -2,8 +2,8 @@
 
 Exit codes: 0 the run committed (error rows included), or was already committed; 1 the job could
 not run (an unreadable listing, an S3 endpoint that does not answer) or was stopped before
-committing; 3 the run committed but more than
-``--max-error-fraction`` of its rows are errors (alerting should look at it); 4 the input lists
+committing; 3 the run committed but more than ``--max-error-fraction`` of its rows are errors
+(alerting should look at it); 4 the input lists
 no image (without ``--allow-empty``): an upstream export probably broke; 5 another run of the
 same output and date holds the lease (or took it over), so this one did nothing; 6 (``nightly``
 only) the run committed but at least one product line drifted from its model's reference (one
